@@ -1,0 +1,2 @@
+"""lorafleet."""
+__version__ = "0.1.0"

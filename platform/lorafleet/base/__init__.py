@@ -1,0 +1,1 @@
+"""Building the small offline base model (tokenizer + Llama + pre-training)."""

@@ -1,0 +1,211 @@
+"""Configuration of one fine-tuning run (``jobs/finetune.py``).
+
+Field names follow the ecosystem: PEFT (``r``, ``lora_alpha``...), bitsandbytes
+(``bnb_4bit_*``), Transformers (``lr_scheduler_type``...), Ray Train (``num_workers``,
+``use_gpu``, ``storage_path``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from lorafleet.config.base import StrictModel
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+DEFAULT_WORK_DIR = "lorafleet-work"
+
+
+def default_work_dir() -> Path:
+    """Where embedded state lives (MLflow store, Ray storage, outputs): ``$LORAFLEET_HOME`` or ./lorafleet-work."""
+    return Path(os.environ.get("LORAFLEET_HOME", DEFAULT_WORK_DIR)).resolve()
+
+
+class ModelConfig(StrictModel):
+    name_or_path: str = Field(description="Hugging Face hub name (e.g. meta-llama/Llama-3.1-8B) or a local folder with config + tokenizer + weights.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    dtype: DType = Field("auto", description="Weight dtype. `auto`: bfloat16 on GPU, float32 on CPU.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off by default; only turn on for repos you trust.")
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = Field(None, description="Attention kernel; None lets Transformers choose.")
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = lora_alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field("all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear`.")
+    modules_to_save: Optional[list[str]] = Field(None, description="Extra modules trained in full and saved with the adapter (note: vLLM serves only LoRA weights).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling lora_alpha/sqrt(r).")
+    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora", "loftq"]] = Field(True, description="PEFT LoRA initialisation.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules must name at least one module, or be 'all-linear'")
+        return v
+
+
+class QuantizationConfig(StrictModel):
+    """bitsandbytes 4-bit settings used when ``method: qlora``."""
+
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    bnb_4bit_compute_dtype: DType = Field("auto", description="Dtype matmuls run in. `auto`: bfloat16 on GPU, float32 on CPU.")
+    bnb_4bit_quant_storage: Union[DType, Literal["uint8"]] = Field("auto", description="Storage dtype of packed weights. With FSDP it must equal the compute dtype (so FSDP can flatten them with the rest); `auto` does that.")
+
+
+class DataConfig(StrictModel):
+    task: str = Field(description="Task from the catalogue (`lorafleet tasks` lists them): classification, banking77, commonsense_qa, dialogsum, chat, raw_text, ...")
+    path: Optional[str] = Field(None, description="Local CSV/JSONL/JSON/Parquet/TXT file or folder. When unset the task's hub dataset is used.")
+    hub_name: Optional[str] = Field(None, description="Override the task's hub dataset name.")
+    hub_config: Optional[str] = Field(None, description="Hub dataset config name.")
+    split: str = Field("train", description="Split to train on.")
+    validation_path: Optional[str] = Field(None, description="Separate validation file; otherwise a split of the training data.")
+    validation_split: Optional[str] = Field(None, description="Hub split to use as validation (e.g. `validation`).")
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="Fraction held out for validation when no validation split/file is given (80/20 by default).")
+    seed: int = Field(42, description="Seed of the deterministic train/validation split.")
+    max_train_samples: Optional[int] = Field(None, ge=1, description="Cap on training examples (after the split).")
+    max_eval_samples: Optional[int] = Field(200, ge=1, description="Cap on validation examples used for generation metrics (loss uses all).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename map {task_field: column_in_file}, e.g. {text: utterance, label: intent}.")
+    labels: Optional[list[str]] = Field(None, description="Closed label set for classification tasks. Rows with other labels are skipped and counted. Default: labels seen in training data (or the task's own list).")
+    on_bad_row: Literal["skip", "error"] = Field("skip", description="Rows with missing/empty fields or unknown labels: `skip` (logged and counted) or `error`.")
+
+
+class TrainingConfig(StrictModel):
+    num_epochs: float = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"] = Field("cosine", description="Transformers scheduler name.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up (ignored when warmup_steps > 0).")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps.")
+    per_device_batch_size: int = Field(8, ge=1, description="Examples per worker per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype for forward/backward. bf16/fp16 need a GPU.")
+    torch_compile: bool = Field(False, description="torch.compile each decoder layer.")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field("adamw_torch", description="Optimizer; 8-bit variants come from bitsandbytes (GPU).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
+    max_seq_length: int = Field(256, ge=8, description="Token limit per example. Longer examples are skipped and counted (never silently truncated into a wrong label).")
+    packing: bool = Field(False, description="Pack several examples into one sequence (raw text only).")
+    seed: int = Field(42, description="Seed for init, shuffling and dropout.")
+    logging_steps: int = Field(10, ge=1, description="Report train metrics every N optimizer steps.")
+    eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate every N steps (plus at each epoch end).")
+    eval_batch_size: int = Field(16, ge=1, description="Batch size for validation loss and generation.")
+    generation_metrics: bool = Field(True, description="Compute task metrics by generating on the validation split (else loss only).")
+
+
+class DeepSpeedConfig(StrictModel):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Where optimizer states live.")
+    offload_param: Literal["none", "cpu", "nvme"] = Field("none", description="Where parameters live (stage 3 only).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Raw keys merged into the DeepSpeed JSON config.")
+
+    @model_validator(mode="after")
+    def _offload_param_needs_stage3(self):
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_param ({self.offload_param}) needs zero_stage 3 (got {self.zero_stage})")
+        return self
+
+
+class DistributedConfig(StrictModel):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend. False: CPU workers, gloo.")
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources each worker reserves.")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field("fsdp", description="`fsdp`: FSDP2 fully_shard per decoder layer then the model (CPU and GPU); `ddp`: replicated; `deepspeed`: ZeRO (GPU).")
+    fsdp_reshard_after_forward: bool = Field(True, description="FSDP2: free gathered params after forward (ZeRO-3 like) vs keep them (ZeRO-2 like).")
+    fsdp_cpu_offload: bool = Field(False, description="FSDP2: keep sharded params on CPU (GPU only).")
+    deepspeed: Optional[DeepSpeedConfig] = Field(None, description="DeepSpeed settings, required when strategy is deepspeed.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement group strategy for the workers.")
+    worker_startup_timeout_s: float = Field(180, gt=0, description="How long Ray Train waits for the worker group to start.")
+
+
+class CheckpointConfig(StrictModel):
+    every_n_steps: int = Field(50, ge=1, description="Save a sharded checkpoint every N optimizer steps (and at the end).")
+    keep: int = Field(2, ge=1, description="Checkpoints kept (Ray Train `num_to_keep`).")
+    storage_path: Optional[str] = Field(None, description="Ray Train storage (local path, NFS, s3://, gs://). Default: <work dir>/ray_results. Must be shared by all nodes on a cluster.")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed (Ray `FailureConfig`); -1 is unlimited.")
+
+
+class TrackingConfig(StrictModel):
+    mlflow_tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI. Default: sqlite:///<work dir>/mlflow.db (embedded). A cluster uses an `mlflow server` URL.")
+    mlflow_artifact_location: Optional[str] = Field(None, description="Artifact root for a new experiment (default: <work dir>/mlartifacts with the embedded store).")
+    experiment_name: str = Field("lorafleet", description="MLflow experiment.")
+    register_as: Optional[str] = Field(None, description="Registered model name for the adapter; null skips registration.")
+    enabled: bool = Field(True, description="Log to MLflow at all.")
+    wandb: Literal["off", "online", "offline"] = Field("off", description="Weights & Biases: off, online (needs WANDB_API_KEY), offline (writes to <output_dir>/wandb).")
+    wandb_project: str = Field("lorafleet", description="W&B project.")
+    wandb_entity: Optional[str] = Field(None, description="W&B entity (team).")
+    wandb_group: Optional[str] = Field(None, description="W&B group (sweeps set it).")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the MLflow run and registered version.")
+
+
+class HubPushConfig(StrictModel):
+    repo_id: Optional[str] = Field(None, description="Push the adapter to this hub repo after training (needs network and HF_TOKEN; not testable offline).")
+    private: bool = Field(True, description="Create the hub repo as private.")
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class FinetuneConfig(StrictModel):
+    """One fine-tuning run. Load with ``load_config(FinetuneConfig, path, overrides)``."""
+
+    run_name: str = Field("finetune", description="Ray Train run name. Re-running the same name resumes from its latest checkpoint.")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="`lora`: PEFT LoRA on a frozen base; `qlora`: LoRA on a 4-bit (NF4/FP4) base; `full`: train every weight (used to pre-train the tiny base).")
+    model: ModelConfig
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA hyperparameters (methods lora and qlora).")
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="4-bit settings (method qlora).")
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    push_to_hub: HubPushConfig = Field(default_factory=HubPushConfig)
+    output_dir: Optional[str] = Field(None, description="Where adapter/, result.json and plots go. Default: <work dir>/outputs/<run_name>.")
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not _RUN_NAME.match(v):
+            raise ValueError("run_name must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        errors = []
+        d, t = self.distributed, self.training
+        if d.strategy == "deepspeed" and not d.use_gpu:
+            errors.append("distributed.strategy is 'deepspeed' but distributed.use_gpu is false: DeepSpeed runs on GPUs only; use 'fsdp' or 'ddp' on CPU")
+        if d.strategy == "deepspeed" and d.deepspeed is None:
+            errors.append("distributed.strategy is 'deepspeed' but distributed.deepspeed is not set (give at least {zero_stage: 2})")
+        if d.fsdp_cpu_offload and not d.use_gpu:
+            errors.append("distributed.fsdp_cpu_offload (true) only makes sense with distributed.use_gpu (false)")
+        if t.mixed_precision != "no" and not d.use_gpu:
+            errors.append(f"training.mixed_precision ({t.mixed_precision}) needs distributed.use_gpu: CPU runs use float32 (set mixed_precision: no)")
+        if t.optimizer in ("adamw_8bit", "paged_adamw_8bit") and not d.use_gpu:
+            errors.append(f"training.optimizer ({t.optimizer}) needs a GPU; use adamw_torch on CPU")
+        if self.method == "qlora" and d.strategy == "deepspeed" and d.deepspeed and d.deepspeed.zero_stage == 3:
+            errors.append("method qlora with DeepSpeed ZeRO-3 is not supported; use strategy fsdp (FSDP2 shards NF4 weights) or zero_stage <= 2")
+        if t.packing and self.data.task != "raw_text":
+            errors.append(f"training.packing (true) is only for data.task raw_text (got {self.data.task!r}): packing would mix prompts and completions across examples")
+        if self.method == "full" and self.tracking.register_as and self.lora.modules_to_save:
+            errors.append("lora.modules_to_save is meaningless with method full")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir).resolve() if self.output_dir else default_work_dir() / "outputs" / self.run_name
+
+    def resolved_storage_path(self) -> str:
+        sp = self.checkpoint.storage_path
+        if sp and "://" in sp:
+            return sp
+        return str(Path(sp).resolve() if sp else default_work_dir() / "ray_results")

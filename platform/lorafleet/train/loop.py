@@ -1,0 +1,334 @@
+"""The Ray Train worker recipe: one function that every worker runs.
+
+Reads top to bottom like torchtune's recipes / Ray Train's FSDP2 guide: load data and
+model, wrap for data parallelism, resume from the latest checkpoint, train with gradient
+accumulation and a Transformers LR scheduler, and at fixed step intervals log, evaluate
+(loss + generation metrics), checkpoint. Everything that decides *when* to do a
+collective depends only on the step count, so all ranks stay in lock-step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lorafleet.config.train import FinetuneConfig
+from lorafleet.train.checkpoint import ADAPTER_DIR, TrainState, export_model, load_training_checkpoint, save_training_checkpoint
+from lorafleet.train.model import count_parameters, load_base_model, load_tokenizer, wrap_peft
+from lorafleet.train.parallel import apply_ddp, apply_deepspeed, apply_fsdp2, unwrap
+
+log = logging.getLogger(__name__)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point given to ``TorchTrainer``. ``loop_config`` = {"config": FinetuneConfig dump, "tracking": {...}}."""
+    import ray.train
+    import ray.train.torch
+
+    from lorafleet.data import collate_batch, load_task_data, tokenize_examples
+
+    cfg = FinetuneConfig.model_validate(loop_config["config"])
+    t = cfg.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed)
+
+    # ---- data (every rank builds the same deterministic split; each reads its shard) ----
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_task_data(cfg.data)
+    kind = data.task.kind
+    train_feats, train_stats = tokenize_examples(data.train, tokenizer, t.max_seq_length, kind, t.packing)
+    val_feats, _ = tokenize_examples(data.validation, tokenizer, t.max_seq_length, kind, False)
+    if not train_feats:
+        raise ValueError(f"no training example fits training.max_seq_length={t.max_seq_length} ({train_stats}); raise it")
+    pad_id = tokenizer.pad_token_id
+
+    sampler = torch.utils.data.DistributedSampler(train_feats, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
+    micro_per_epoch = math.ceil(len(sampler) / t.per_device_batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
+    total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * steps_per_epoch))
+    warmup = t.warmup_steps or int(t.warmup_ratio * total_steps)
+
+    # ---- model ----
+    model = wrap_peft(load_base_model(cfg, device), cfg)
+    trainable_only = cfg.method != "full"
+    strategy = cfg.distributed.strategy
+    if strategy == "fsdp" and dist.is_initialized():
+        model = apply_fsdp2(model, cfg, device)
+    elif strategy == "ddp" and world > 1:
+        model = apply_ddp(model, cfg, device)
+    optimizer = build_optimizer(model, cfg)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    engine = None
+    if strategy == "deepspeed":
+        engine, optimizer, scheduler = apply_deepspeed(model, optimizer, scheduler, cfg, world)
+    n_trainable, n_local = count_parameters(model)
+
+    # ---- resume ----
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = _load(ckpt_dir, engine, model, optimizer, scheduler, trainable_only)
+        state.resumed_from_step = state.global_step
+        log.warning("rank %d resumed from step %d (epoch %d, micro-batch %d)", rank, state.global_step, state.epoch, state.micro_step_in_epoch)
+
+    logger = _make_logger(loop_config.get("tracking"), rank)
+    autocast = _autocast(cfg, device)
+    evaluator = _Evaluator(cfg, data, val_feats, tokenizer, pad_id, device, world, rank)
+    base_metrics = {"params/trainable_local": n_trainable, "params/local": n_local, "world_size": world,
+                    "steps_total": total_steps, "data/train_examples": len(train_feats), "data/val_examples": len(val_feats),
+                    **{f"data/{k}": v for k, v in train_stats.items()}}
+
+    # ---- train ----
+    model.train()
+    window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    while state.global_step < total_steps:
+        sampler.set_epoch(state.epoch)
+        order = list(sampler)
+        batches = [order[i : i + t.per_device_batch_size] for i in range(0, len(order), t.per_device_batch_size)]
+        micro = state.micro_step_in_epoch
+        while micro < len(batches) and state.global_step < total_steps:
+            group = batches[micro : micro + t.gradient_accumulation_steps]
+            for i, idx in enumerate(group):
+                batch = {k: v.to(device) for k, v in collate_batch([train_feats[j] for j in idx], pad_id).items()}
+                last = i == len(group) - 1
+                with _grad_sync(model, strategy, enabled=last), autocast:
+                    out = (engine or model)(**batch)
+                loss = out.loss / (1 if engine else len(group))
+                if engine:
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    loss.backward()
+                window_loss += out.loss.item()
+                window_micro += 1
+                window_tokens += int(batch["attention_mask"].sum())
+            if not engine:
+                if t.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += len(group)
+            state.global_step += 1
+            state.micro_step_in_epoch = micro
+            if micro >= len(batches):
+                state.epoch += 1
+                state.micro_step_in_epoch = 0
+            step = state.global_step
+
+            final = step >= total_steps
+            epoch_end = state.micro_step_in_epoch == 0
+            do_log = step % t.logging_steps == 0 or final
+            do_eval = final or epoch_end or bool(t.eval_steps and step % t.eval_steps == 0)
+            do_ckpt = final or step % cfg.checkpoint.every_n_steps == 0
+            if not (do_log or do_eval or do_ckpt):
+                continue
+
+            metrics: dict = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0]}
+            if window_micro:
+                elapsed = time.perf_counter() - window_start
+                loss_sum, tokens = _all_reduce_sum([window_loss / window_micro, float(window_tokens)], device)
+                state.tokens_seen += int(tokens)
+                metrics.update({"train_loss": loss_sum / world, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                                "tokens_seen": state.tokens_seen, "peak_memory_mb": _peak_memory_mb(device)})
+                window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            if do_eval:
+                metrics.update(evaluator.run(model, engine, generation=t.generation_metrics))
+                window_start = time.perf_counter()  # keep eval time out of tokens/s
+            if state.resumed_from_step is not None:
+                metrics["resumed_from_step"] = state.resumed_from_step
+            if final:
+                metrics.update(base_metrics)
+            state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            if logger:
+                logger.log({k: v for k, v in metrics.items() if k not in ("step",)}, step=step)
+            _report(metrics, cfg, rank, engine, model, optimizer, scheduler, state, tokenizer, trainable_only, do_ckpt, final)
+            model.train()
+
+    if logger:
+        logger.close()
+
+
+def build_optimizer(model, cfg: FinetuneConfig):
+    t = cfg.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; check lora.target_modules and method")
+    if t.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.learning_rate, momentum=0.9, weight_decay=t.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def _report(metrics, cfg, rank, engine, model, optimizer, scheduler, state, tokenizer, trainable_only, do_ckpt, final):
+    """``ray.train.report`` on every rank (it is a barrier), with a checkpoint when due."""
+    import ray.train
+
+    if not do_ckpt:
+        ray.train.report(metrics)
+        return
+    state.finished = final
+    with tempfile.TemporaryDirectory(prefix="lorafleet-ckpt-") as tmp:
+        if engine:
+            engine.save_checkpoint(str(Path(tmp) / "deepspeed"))
+            if rank == 0:
+                import json
+                from dataclasses import asdict
+
+                (Path(tmp) / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        else:
+            save_training_checkpoint(tmp, model, optimizer, scheduler, state, trainable_only)
+        if final:
+            export_model(Path(tmp) / ADAPTER_DIR, engine.module if engine else model, tokenizer, cfg.method)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _load(ckpt_dir, engine, model, optimizer, scheduler, trainable_only) -> TrainState:
+    if engine:
+        from lorafleet.train.checkpoint import read_train_state
+
+        engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"))
+        return read_train_state(ckpt_dir)
+    return load_training_checkpoint(ckpt_dir, model, optimizer, scheduler, trainable_only)
+
+
+def _grad_sync(model, strategy: str, enabled: bool):
+    """Skip gradient all-reduce / reduce-scatter on all but the last micro-batch of an accumulation group."""
+    if enabled:
+        return contextlib.nullcontext()
+    if strategy == "ddp" and hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(model)
+    lm = getattr(model, "get_base_model", lambda: None)()
+    if lm is not None and hasattr(lm, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(lm)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(fsdp_module):
+    fsdp_module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        fsdp_module.set_requires_gradient_sync(True)
+
+
+def _autocast(cfg: FinetuneConfig, device):
+    mp = cfg.training.mixed_precision
+    if mp == "no" or cfg.distributed.strategy != "ddp":
+        # FSDP2 casts through its MixedPrecisionPolicy; DeepSpeed through its own config.
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        local = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    if dist.is_initialized():
+        t = torch.tensor([local], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        local = t.item()
+    return local
+
+
+def _make_logger(tracking: dict | None, rank: int):
+    """Rank 0 logs step metrics into the driver's MLflow run (and W&B); other ranks log nothing."""
+    if rank != 0 or not tracking or not tracking.get("run_id"):
+        return None
+    from lorafleet.tracking import MetricsLogger, WandbSettings
+
+    wandb = WandbSettings(**tracking["wandb"]) if tracking.get("wandb") else None
+    try:
+        return MetricsLogger(tracking["tracking_uri"], tracking["run_id"], wandb=wandb)
+    except Exception:  # tracking must never stop training
+        log.exception("could not start the metrics logger; training continues without step metrics")
+        return None
+
+
+class _Evaluator:
+    """Validation loss/perplexity on all validation examples, and task metrics by generation."""
+
+    def __init__(self, cfg, data, val_feats, tokenizer, pad_id, device, world, rank):
+        self.cfg, self.data, self.val_feats, self.tokenizer = cfg, data, val_feats, tokenizer
+        self.pad_id, self.device, self.world, self.rank = pad_id, device, world, rank
+        limit = cfg.data.max_eval_samples
+        self.gen_examples = data.validation[:limit] if limit else data.validation
+
+    @torch.no_grad()
+    def run(self, model, engine, generation: bool) -> dict:
+        from lorafleet.data import collate_batch
+
+        model.eval()
+        bs = self.cfg.training.eval_batch_size
+        # Equal shard sizes on every rank: FSDP needs every rank in every forward.
+        per_rank = math.ceil(len(self.val_feats) / self.world) if self.val_feats else 0
+        shard = self.val_feats[self.rank * per_rank : (self.rank + 1) * per_rank]
+        loss_sum = tokens = 0.0
+        for i in range(0, per_rank, bs):
+            chunk = shard[i : i + bs]
+            real = len(chunk)
+            chunk = chunk + [self.val_feats[0]] * (min(bs, per_rank - i) - real)
+            batch = {k: v.to(self.device) for k, v in collate_batch(chunk, self.pad_id).items()}
+            out = (engine or model)(**batch)
+            n = float((batch["labels"][:real, 1:] != -100).sum())
+            if real:
+                # Recompute the mean over the real rows only, weighted by their label tokens.
+                logits = out.logits[:real, :-1].float()
+                labels = batch["labels"][:real, 1:]
+                loss_sum += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum").item()
+                tokens += n
+        loss_sum, tokens = _all_reduce_sum([loss_sum, tokens], self.device)
+        metrics: dict = {}
+        if tokens:
+            metrics["eval_loss"] = loss_sum / tokens
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        if generation and self.data.task.kind not in ("chat", "raw_text") and self.gen_examples:
+            metrics.update(self._generation_metrics(model, engine))
+        return metrics
+
+    def _generation_metrics(self, model, engine) -> dict:
+        from lorafleet.data import compute_metrics, generate_completions
+
+        ex = self.gen_examples
+        per_rank = math.ceil(len(ex) / self.world)
+        mine = ex[self.rank * per_rank : (self.rank + 1) * per_rank]
+        prompts = [e.prompt for e in mine] + [ex[0].prompt] * (per_rank - len(mine))
+        sharded = self.world > 1 and self.cfg.distributed.strategy in ("fsdp", "deepspeed")
+        gen_model = engine.module if engine else unwrap(model)
+        outputs = generate_completions(gen_model, self.tokenizer, prompts, self.data.task.max_new_tokens,
+                                       batch_size=self.cfg.training.eval_batch_size, synced_gpus=sharded)[: len(mine)]
+        if dist.is_initialized():
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, outputs)
+            outputs = [o for part in gathered for o in part]
+        scores = compute_metrics(self.data.task, outputs, [e.reference for e in ex])
+        return {f"eval_{k}": v for k, v in scores.items()}

@@ -1,0 +1,151 @@
+"""Loading the base model and tokenizer, 4-bit quantisation and PEFT wrapping.
+
+Everything here is the libraries' own machinery (Transformers ``from_pretrained``,
+bitsandbytes ``BitsAndBytesConfig``, PEFT ``get_peft_model``); this module only turns a
+:class:`~lorafleet.config.FinetuneConfig` into their arguments. The same code runs on CPU
+(float32, gloo) and GPU (bfloat16, NCCL): only the resolved dtypes differ.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lorafleet.config.train import FinetuneConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def resolve_dtype(name: str, use_gpu: bool) -> torch.dtype:
+    """``auto`` is bfloat16 on GPU and float32 on CPU (bf16 matmuls are slow or unsupported on many CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if use_gpu else torch.float32
+    return _DTYPES[name]
+
+
+def bnb_config(cfg: FinetuneConfig):
+    """The ``BitsAndBytesConfig`` for method qlora.
+
+    With FSDP the packed 4-bit weights must share the dtype of the other parameters so
+    fully_shard can flatten them together, so ``bnb_4bit_quant_storage: auto`` resolves to
+    the compute dtype (QLoRA+FSDP recipe from bitsandbytes/Answer.AI).
+    """
+    from transformers import BitsAndBytesConfig
+
+    from lorafleet.train.availability import require_bitsandbytes
+
+    require_bitsandbytes()
+    q = cfg.quantization
+    compute = resolve_dtype(q.bnb_4bit_compute_dtype, cfg.distributed.use_gpu)
+    if q.bnb_4bit_quant_storage == "auto":
+        storage = compute if cfg.distributed.strategy == "fsdp" else torch.uint8
+    else:
+        storage = _DTYPES[q.bnb_4bit_quant_storage]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    if tok.pad_token is None:
+        # Llama-family tokenizers ship without a pad token; padding positions are masked anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg: FinetuneConfig, device: torch.device):
+    """The causal LM as configured (full precision, or NF4/FP4 for qlora), on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    dtype = resolve_dtype(m.dtype, cfg.distributed.use_gpu)
+    kwargs = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=dtype)
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    if cfg.method == "qlora":
+        kwargs["quantization_config"] = bnb_config(cfg)
+        # bitsandbytes quantises while loading onto the target device.
+        kwargs["device_map"] = {"": device}
+        if kwargs["quantization_config"].bnb_4bit_quant_storage not in (torch.uint8,):
+            kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_quant_storage
+    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+    if cfg.method != "qlora":
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def wrap_peft(model, cfg: FinetuneConfig):
+    """Freeze the base and add LoRA adapters (methods lora/qlora); ``full`` returns the model unchanged."""
+    if cfg.method == "full":
+        if cfg.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lc = cfg.lora
+    peft_cfg = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lc.r,
+        lora_alpha=lc.lora_alpha,
+        lora_dropout=lc.lora_dropout,
+        target_modules=lc.target_modules,
+        modules_to_save=lc.modules_to_save,
+        bias=lc.bias,
+        use_rslora=lc.use_rslora,
+        init_lora_weights=lc.init_lora_weights,
+    )
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+        raise ValueError(f"LoRA could not be applied ({exc}). Linear module names in this model: {names}; "
+                         f"set lora.target_modules to some of them or to 'all-linear'") from None
+    if cfg.method == "qlora" or cfg.distributed.strategy == "fsdp":
+        # FSDP2 flattens parameters per group; keep every parameter of a group in one dtype.
+        _unify_trainable_dtype(model, resolve_dtype(cfg.model.dtype, cfg.distributed.use_gpu))
+    return model
+
+
+def _unify_trainable_dtype(model, dtype: torch.dtype) -> None:
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype and p.dtype.is_floating_point:
+            p.data = p.data.to(dtype)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts of the local module (shards count their local part)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = _local_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def _local_numel(p) -> int:
+    # FSDP2 parameters are DTensors: count only this rank's shard.
+    local = getattr(p, "to_local", None)
+    return (local() if local else p).numel()

@@ -1,0 +1,244 @@
+"""Driver side of a fine-tune: validate, start tracking, run ``TorchTrainer``, export, register.
+
+Example::
+
+    from lorafleet.config import FinetuneConfig, load_config
+    from lorafleet.train import run_finetune
+    result = run_finetune(load_config(FinetuneConfig, "jobs/configs/banking77-lora.yaml"))
+    print(result["metrics"]["eval_accuracy"], result["adapter_path"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from lorafleet.config.base import dump_config, flatten
+from lorafleet.config.train import FinetuneConfig
+from lorafleet.train.checkpoint import ADAPTER_DIR, read_train_state
+
+log = logging.getLogger(__name__)
+
+
+def resolve_local_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Make local model/data paths absolute: Ray workers do not share the driver's working directory."""
+    updates = {}
+    p = Path(cfg.model.name_or_path).expanduser()
+    if p.exists():
+        updates["model"] = cfg.model.model_copy(update={"name_or_path": str(p.resolve())})
+    data_updates = {}
+    for field in ("path", "validation_path"):
+        value = getattr(cfg.data, field)
+        if value and Path(value).expanduser().exists():
+            data_updates[field] = str(Path(value).expanduser().resolve())
+        elif value:
+            raise FileNotFoundError(f"data.{field} does not exist: {value} (relative paths are resolved from {Path.cwd()})")
+    if data_updates:
+        updates["data"] = cfg.data.model_copy(update=data_updates)
+    updates["output_dir"] = str(cfg.resolved_output_dir())
+    updates["checkpoint"] = cfg.checkpoint.model_copy(update={"storage_path": cfg.resolved_storage_path()})
+    return cfg.model_copy(update=updates)
+
+
+def ensure_ray(num_cpus_needed: float) -> None:
+    """Connect to the cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one.
+
+    A local Ray gets at least ``num_cpus_needed + 1`` logical CPUs: Ray Train's controller and
+    the trial functions of a sweep each hold a slot, and on a 2-core machine the worker group
+    otherwise never starts (see README, troubleshooting).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")}
+    os.environ.update(env)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed) + 2), include_dashboard=False,
+                 runtime_env={"env_vars": env})
+
+
+# Fields that do not change what a checkpoint contains: a resumed run may differ in these.
+_RESUME_NEUTRAL = ("tracking", "output_dir", "push_to_hub", "checkpoint")
+
+
+def config_fingerprint(cfg: FinetuneConfig) -> str:
+    import hashlib
+
+    d = dump_config(cfg)
+    for key in _RESUME_NEUTRAL:
+        d.pop(key, None)
+    d["distributed"].pop("worker_startup_timeout_s", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def guard_resume(cfg: FinetuneConfig) -> None:
+    """Re-running a run name resumes it (Ray restores its checkpoints), so refuse when the
+    config that shaped those checkpoints has changed: resuming would load mismatched state."""
+    storage = cfg.resolved_storage_path()
+    if "://" in storage:
+        return  # remote storage: the fingerprint file is only kept for local/NFS paths
+    marker = Path(storage) / cfg.run_name / "lorafleet_config.json"
+    fp = config_fingerprint(cfg)
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if saved.get("fingerprint") != fp:
+            raise ValueError(
+                f"run_name {cfg.run_name!r} already exists in {marker.parent} with a different configuration "
+                f"(fingerprint {saved.get('fingerprint')} != {fp}); re-running a run name resumes it. Choose a new "
+                f"run_name, or delete {marker.parent} to start over")
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fp, "config": dump_config(cfg)}, indent=2))
+
+
+def build_trainer(cfg: FinetuneConfig, tracking: dict | None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lorafleet.train.loop import train_loop_per_worker
+
+    d = cfg.distributed
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": dump_config(cfg), "tracking": tracking},
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                     resources_per_worker=dict(d.resources_per_worker), placement_strategy=d.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.resolved_storage_path(),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        ),
+    )
+
+
+def preflight(cfg: FinetuneConfig):
+    """Fail fast on the driver, before any worker starts: tokenizer loads and the data is usable."""
+    from lorafleet.data import load_task_data
+    from lorafleet.train.model import load_tokenizer
+
+    load_tokenizer(cfg.model)
+    data = load_task_data(cfg.data)
+    log.info("data: %d train / %d validation examples, stats %s", len(data.train), len(data.validation), data.stats)
+    return data
+
+
+def run_finetune(cfg: FinetuneConfig, tracking_cfg_override: dict | None = None) -> dict:
+    """Run one fine-tune end to end and return the content of ``result.json``."""
+    started = time.time()
+    cfg = resolve_local_paths(cfg)
+    data = preflight(cfg)
+    guard_resume(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tracking = None
+    run_id = None
+    tags = _run_tags(cfg, data)
+    if cfg.tracking.enabled:
+        from lorafleet.tracking import WandbSettings, resolve_tracking_uri, start_or_resume_run
+
+        uri = resolve_tracking_uri(cfg.tracking)
+        run_id = start_or_resume_run(cfg.tracking, cfg.run_name, flatten(dump_config(cfg)), tags)
+        wandb = WandbSettings.from_config(cfg.tracking, name=cfg.run_name, config=dump_config(cfg), dir=str(out))
+        tracking = {"tracking_uri": uri, "run_id": run_id, "wandb": _asdict(wandb), **(tracking_cfg_override or {})}
+        log.info("MLflow run %s at %s", run_id, uri)
+
+    workers_cpu = cfg.distributed.num_workers * cfg.distributed.resources_per_worker.get("CPU", 1)
+    ensure_ray(workers_cpu)
+    trainer = build_trainer(cfg, tracking)
+    try:
+        result = trainer.fit()
+    except Exception:
+        if run_id:
+            from lorafleet.tracking import finish_run
+
+            finish_run(cfg.tracking, run_id, {}, {}, status="FAILED")
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (run {cfg.run_name}); see the Ray logs")
+    return _finalise(cfg, result, run_id, data, tags, out, started)
+
+
+def _finalise(cfg, result, run_id, data, tags, out: Path, started: float) -> dict:
+    adapter_dst = out / ADAPTER_DIR
+    with result.checkpoint.as_directory() as ckpt:
+        state = read_train_state(ckpt)
+        if adapter_dst.exists():
+            shutil.rmtree(adapter_dst)
+        shutil.copytree(Path(ckpt) / ADAPTER_DIR, adapter_dst)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    from lorafleet.tracking import plot_loss_curve
+
+    curve = plot_loss_curve(state.history, str(out / "loss_curve.png"), title=f"{cfg.run_name} ({cfg.method}, {data.task.name})")
+    res = {
+        "run_name": cfg.run_name,
+        "method": cfg.method,
+        "task": data.task.name,
+        "base_model": cfg.model.name_or_path,
+        "metrics": metrics,
+        "adapter_path": str(adapter_dst),
+        "checkpoint_path": result.checkpoint.path,
+        "loss_curve": curve,
+        "data_stats": data.stats,
+        "dataset_fingerprint": data.fingerprint,
+        "resumed_from_step": state.resumed_from_step,
+        "mlflow_run_id": run_id,
+        "registered_model": None,
+        "registered_version": None,
+        "elapsed_s": round(time.time() - started, 1),
+    }
+    if run_id:
+        from lorafleet.tracking import finish_run, register_adapter
+
+        # The adapter must be an artifact before a model version can point at it.
+        finish_run(cfg.tracking, run_id, metrics, {ADAPTER_DIR: str(adapter_dst), "plots": curve}, status="FINISHED")
+        if cfg.tracking.register_as:
+            name, version = register_adapter(cfg.tracking, run_id, ADAPTER_DIR, tags=_version_tags(cfg, data))
+            res["registered_model"], res["registered_version"] = name, str(version)
+    (out / "result.json").write_text(json.dumps(res, indent=2))
+    if cfg.push_to_hub.repo_id:
+        push_adapter_to_hub(adapter_dst, cfg.push_to_hub.repo_id, cfg.push_to_hub.private)
+    return res
+
+
+def push_adapter_to_hub(folder: Path, repo_id: str, private: bool) -> None:
+    """Upload the adapter folder to the Hugging Face hub (needs network and HF_TOKEN; not testable offline)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+
+
+def _run_tags(cfg: FinetuneConfig, data) -> dict[str, str]:
+    from lorafleet.tracking import git_commit
+
+    tags = {"lorafleet.run_name": cfg.run_name, "lorafleet.task": data.task.name, "lorafleet.method": cfg.method,
+            "lorafleet.base_model": cfg.model.name_or_path, "lorafleet.dataset_fingerprint": data.fingerprint,
+            **cfg.tracking.tags}
+    commit = git_commit()
+    if commit:
+        tags["lorafleet.git_commit"] = commit
+    return tags
+
+
+def _version_tags(cfg: FinetuneConfig, data) -> dict[str, str]:
+    tm = cfg.lora.target_modules
+    return {"base_model": cfg.model.name_or_path, "method": cfg.method, "r": str(cfg.lora.r),
+            "lora_alpha": str(cfg.lora.lora_alpha), "target_modules": tm if isinstance(tm, str) else ",".join(tm),
+            "task": data.task.name, "dataset_fingerprint": data.fingerprint, **cfg.tracking.tags}
+
+
+def _asdict(obj):
+    from dataclasses import asdict
+
+    return asdict(obj) if obj is not None else None
