@@ -63,11 +63,11 @@ class ArchitectureConfig(StrictModel):
 
 
 class PretrainConfig(StrictModel):
-    num_epochs: float = Field(3, gt=0, description="Passes over the corpus.")
+    num_epochs: float = Field(4, gt=0, description="Passes over the corpus.")
     max_steps: Optional[int] = Field(None, ge=1, description="Cap on optimizer steps.")
     learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate (small models from scratch like it high).")
-    per_device_batch_size: int = Field(16, ge=1, description="Sequences per worker per step.")
-    max_seq_length: int = Field(128, ge=16, description="Packed block length in tokens.")
+    per_device_batch_size: int = Field(8, ge=1, description="Sequences per worker per step.")
+    max_seq_length: int = Field(64, ge=16, description="Packed block length in tokens (short blocks: more optimizer steps per pass over a small corpus).")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Warm-up fraction.")
 
 

@@ -60,7 +60,7 @@ def ensure_ray(num_cpus_needed: float) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed) + 2), include_dashboard=False,
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed) + 2),
                  runtime_env={"env_vars": env})
 
 
@@ -161,7 +161,10 @@ def run_finetune(cfg: FinetuneConfig, tracking_cfg_override: dict | None = None)
         if run_id:
             from lorafleet.tracking import finish_run
 
-            finish_run(cfg.tracking, run_id, {}, {}, status="FAILED")
+            try:
+                finish_run(cfg.tracking, run_id, {}, {}, status="FAILED")
+            except Exception:  # never hide the training error behind a tracking error
+                log.exception("could not mark MLflow run %s as FAILED", run_id)
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (run {cfg.run_name}); see the Ray logs")

@@ -1,0 +1,137 @@
+"""Tokenising examples with completion-only labels, and collating them into padded batches.
+
+A feature is ``{"input_ids": [...], "labels": [...]}`` for the sequence
+``bos + prompt + completion + eos``. Prompt and completion are tokenised separately and the
+ids concatenated, so the boundary is exact; labels are ``-100`` on bos and the prompt (loss
+on the completion and eos only), except for ``raw_text`` where ``labels == input_ids``.
+
+Example::
+
+    features, stats = tokenize_examples(data.train, tokenizer, max_seq_length=256, kind="classification")
+    batch = collate_batch(features[:8], tokenizer.pad_token_id)   # input_ids, attention_mask, labels
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from lorafleet.data.tasks import TASK_KINDS
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def _encode_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (one batched call: fast tokenizers run it in Rust)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    """``ids`` preceded by bos when the tokenizer has one and the ids (e.g. a rendered chat template) lack it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or (ids and ids[0] == bos):
+        return ids
+    return [bos] + ids
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt ids exactly as training sees them: bos (if any) + prompt tokens, no eos."""
+    return [_with_bos(tokenizer, ids) for ids in _encode_many(tokenizer, prompts)]
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token; completions must end with one "
+                         "(set tokenizer.eos_token, e.g. to '</s>')")
+    return eos
+
+
+def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind: str,
+                      packing: bool = False) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """Turn examples into features and report what happened.
+
+    Examples longer than ``max_seq_length`` are skipped (``stats["skipped_too_long"]``): a
+    truncated completion would teach a wrong answer. ``raw_text`` lines are truncated instead
+    (``stats["truncated"]``), or, with ``packing``, all texts (each followed by eos) are
+    concatenated and cut into blocks of ``max_seq_length`` (the last partial block dropped).
+    Stats also give ``examples``, ``features``, ``tokens`` (in the features) and ``target_tokens``
+    (those with a label).
+    """
+    if kind not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; expected one of {', '.join(TASK_KINDS)}")
+    if packing and kind != "raw_text":
+        raise ValueError(f"packing is only for kind raw_text (got {kind!r}): it would mix prompts and completions "
+                         "of different examples; set training.packing: false")
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
+    eos = _eos_id(tokenizer)
+    stats = {"examples": len(examples), "skipped_too_long": 0, "truncated": 0}
+    features: list[dict[str, list[int]]] = []
+
+    if kind == "raw_text":
+        texts = [e.prompt + e.completion for e in examples]
+        if packing:
+            stream = [tok for ids in _encode_many(tokenizer, texts) for tok in ids + [eos]]
+            n_blocks = len(stream) // max_seq_length
+            stats["tokens_dropped"] = len(stream) - n_blocks * max_seq_length
+            for b in range(n_blocks):
+                block = stream[b * max_seq_length:(b + 1) * max_seq_length]
+                features.append({"input_ids": block, "labels": list(block)})
+        else:
+            for ids in _encode_many(tokenizer, texts):
+                ids = _with_bos(tokenizer, ids) + [eos]
+                if len(ids) > max_seq_length:
+                    ids = ids[:max_seq_length]
+                    stats["truncated"] += 1
+                features.append({"input_ids": ids, "labels": list(ids)})
+    else:
+        prompt_ids = encode_prompts(tokenizer, [e.prompt for e in examples])
+        completion_ids = _encode_many(tokenizer, [e.completion for e in examples])
+        for p_ids, c_ids in zip(prompt_ids, completion_ids):
+            c_ids = c_ids + [eos]
+            if len(p_ids) + len(c_ids) > max_seq_length:
+                stats["skipped_too_long"] += 1
+                continue
+            features.append({"input_ids": p_ids + c_ids, "labels": [IGNORE_INDEX] * len(p_ids) + c_ids})
+
+    stats["features"] = len(features)
+    stats["tokens"] = sum(len(f["input_ids"]) for f in features)
+    stats["target_tokens"] = sum(sum(1 for t in f["labels"] if t != IGNORE_INDEX) for f in features)
+    if stats["skipped_too_long"]:
+        logger.warning("skipped %d of %d example(s) longer than max_seq_length=%d tokens",
+                       stats["skipped_too_long"], len(examples), max_seq_length)
+    if stats["truncated"]:
+        logger.warning("truncated %d of %d raw text line(s) to max_seq_length=%d tokens",
+                       stats["truncated"], len(examples), max_seq_length)
+    if examples and not features:
+        raise ValueError(f"no feature left from {len(examples)} example(s) at max_seq_length={max_seq_length} "
+                         f"({stats}); raise training.max_seq_length or use shorter examples")
+    return features, stats
+
+
+def collate_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad features into ``input_ids``/``attention_mask``/``labels`` tensors of shape [batch, longest]
+    (labels padded with -100, so padding carries no loss)."""
+    if not features:
+        raise ValueError("collate_batch got no features; a batch needs at least one")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; give the tokenizer a pad token (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+    longest = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+    labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        if len(f["labels"]) != n:
+            raise ValueError(f"feature {row} has {n} input_ids but {len(f['labels'])} labels; they must match")
+        input_ids[row, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(f["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,88 @@
+"""Completion-only masking, length handling, packing and collation, on a real BPE tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorafleet.data import Example, collate_batch, get_task, tokenize_examples
+
+IGNORE = -100
+
+
+def _ex(prompt: str, completion: str) -> Example:
+    return Example(prompt=prompt, completion=completion, input=prompt, reference=completion.strip())
+
+
+def test_labels_cover_exactly_the_completion_and_eos(tokenizer):
+    examples = [_ex("Query: I am still waiting on my card.\nIntent:", " card_arrival"),
+                _ex("Question: Where?\nA. here\nB. there\nAnswer:", " B"),
+                _ex("Dialogue:\n#Person1#: Hi.\nSummary:", " They greet each other.")]
+    features, stats = tokenize_examples(examples, tokenizer, max_seq_length=128, kind="classification")
+    assert len(features) == 3 and stats["skipped_too_long"] == 0
+    for ex, f in zip(examples, features):
+        ids, labels = f["input_ids"], f["labels"]
+        assert len(ids) == len(labels) and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        n_prompt = labels.index(next(t for t in labels if t != IGNORE))
+        assert all(t == IGNORE for t in labels[:n_prompt])  # bos + prompt carry no loss
+        assert all(t != IGNORE for t in labels[n_prompt:])
+        assert tokenizer.decode(ids[1:n_prompt]) == ex.prompt
+        assert tokenizer.decode(labels[n_prompt:]) == ex.completion + tokenizer.eos_token
+        assert labels[n_prompt:] == ids[n_prompt:]
+    assert stats["tokens"] == sum(len(f["input_ids"]) for f in features)
+    assert stats["target_tokens"] == sum(sum(t != IGNORE for t in f["labels"]) for f in features)
+
+
+def test_chat_template_bos_is_not_doubled(chat_tokenizer):
+    spec = get_task("chat")
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    ex = Example(*spec.format_example(row, chat_tokenizer))
+    (f,), _ = tokenize_examples([ex], chat_tokenizer, 64, "chat")
+    assert f["input_ids"][0] == chat_tokenizer.bos_token_id and f["input_ids"][1] != chat_tokenizer.bos_token_id
+    n_prompt = sum(t == IGNORE for t in f["labels"])
+    assert chat_tokenizer.decode(f["labels"][n_prompt:]) == "Hello.</s>"
+
+
+def test_over_long_examples_are_skipped_never_truncated(tokenizer):
+    short = _ex("Text: ok\nLabel:", " yes")
+    long = _ex("Text: " + "words and more words " * 20 + "\nLabel:", " no")
+    features, stats = tokenize_examples([short, long, short], tokenizer, max_seq_length=24, kind="classification")
+    assert len(features) == 2 and stats["skipped_too_long"] == 1 and stats["examples"] == 3
+    with pytest.raises(ValueError, match="raise training.max_seq_length"):
+        tokenize_examples([long], tokenizer, max_seq_length=24, kind="classification")
+
+
+def test_raw_text_labels_everything_and_truncates_long_lines(tokenizer):
+    texts = ["I am still waiting on my card.", "word " * 100]
+    examples = [_ex("", t) for t in texts]
+    features, stats = tokenize_examples(examples, tokenizer, max_seq_length=32, kind="raw_text")
+    assert len(features) == 2 and stats["truncated"] == 1 and stats["skipped_too_long"] == 0
+    assert all(f["labels"] == f["input_ids"] for f in features)
+    assert tokenizer.decode(features[0]["input_ids"]) == "<s>" + texts[0] + "</s>"
+    assert len(features[1]["input_ids"]) == 32
+
+
+def test_packing_cuts_equal_blocks_and_drops_the_tail(tokenizer):
+    texts = [f"Line number {i} of the corpus, about my card." for i in range(40)]
+    ids = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in texts]
+    total = sum(len(x) for x in ids)
+    features, stats = tokenize_examples([_ex("", t) for t in texts], tokenizer, max_seq_length=64, kind="raw_text",
+                                        packing=True)
+    assert len(features) == total // 64 and all(len(f["input_ids"]) == 64 for f in features)
+    assert stats["tokens_dropped"] == total % 64 and stats["tokens"] == 64 * len(features)
+    assert [t for f in features for t in f["input_ids"]] == [t for x in ids for t in x][: 64 * len(features)]
+    assert all(f["labels"] == f["input_ids"] for f in features)
+    with pytest.raises(ValueError, match="only for kind raw_text"):
+        tokenize_examples([_ex("Text: a\nLabel:", " b")], tokenizer, 64, "classification", packing=True)
+
+
+def test_collate_right_pads_with_ignored_labels(tokenizer):
+    features = [{"input_ids": [1, 5, 6, 7], "labels": [IGNORE, IGNORE, 6, 7]}, {"input_ids": [1, 9], "labels": [1, 9]}]
+    batch = collate_batch(features, pad_token_id=tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7], [1, 9, pad, pad]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 6, 7], [1, 9, IGNORE, IGNORE]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    with pytest.raises(ValueError, match="pad token"):
+        collate_batch(features, pad_token_id=None)
