@@ -34,8 +34,8 @@ def evaluate_adapter(base: str, adapter: str | None, task: str, data: str, limit
     from lorafleet.data import evaluate_generation, get_task, load_eval_examples
 
     spec = get_task(task)
-    examples = load_eval_examples(spec, data, columns=columns or None, limit=limit)
     model, tok = load_for_inference(base, adapter)
+    examples = load_eval_examples(spec, data, columns=columns or None, limit=limit, tokenizer=tok)
     metrics, preds = evaluate_generation(model, tok, spec, examples, batch_size=batch_size)
     if predictions:
         Path(predictions).parent.mkdir(parents=True, exist_ok=True)

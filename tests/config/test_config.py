@@ -53,7 +53,7 @@ def test_deepspeed_config_is_validated_and_rendered():
                        "distributed.deepspeed.offload_param=cpu", "training.gradient_accumulation_steps=4"])
     ds = deepspeed_config(cfg, world_size=12)
     assert ds["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}}
-    assert ds["train_batch_size"] == 16 * 4 * 12 and ds["bf16"]["enabled"]
+    assert ds["train_batch_size"] == cfg.training.per_device_batch_size * 4 * 12 and ds["bf16"]["enabled"]
     with pytest.raises(ConfigError, match=r"offload_param \(cpu\) needs zero_stage 3 \(got 2\)"):
         load_config(FinetuneConfig, REPO / "jobs/configs/banking77-lora.yaml",
                     ["distributed.use_gpu=true", "distributed.strategy=deepspeed", "distributed.deepspeed.offload_param=cpu"])

@@ -44,7 +44,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- data (every rank builds the same deterministic split; each reads its shard) ----
     tokenizer = load_tokenizer(cfg.model)
-    data = load_task_data(cfg.data)
+    data = load_task_data(cfg.data, tokenizer=tokenizer)
     kind = data.task.kind
     train_feats, train_stats = tokenize_examples(data.train, tokenizer, t.max_seq_length, kind, t.packing)
     val_feats, _ = tokenize_examples(data.validation, tokenizer, t.max_seq_length, kind, False)
@@ -316,7 +316,7 @@ class _Evaluator:
         return metrics
 
     def _generation_metrics(self, model, engine) -> dict:
-        from lorafleet.data import compute_metrics, generate_completions
+        from lorafleet.data import clean_prediction, compute_metrics, generate_completions
 
         ex = self.gen_examples
         per_rank = math.ceil(len(ex) / self.world)
@@ -330,5 +330,6 @@ class _Evaluator:
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, outputs)
             outputs = [o for part in gathered for o in part]
+        outputs = [clean_prediction(self.data.task.kind, o) for o in outputs]
         scores = compute_metrics(self.data.task, outputs, [e.reference for e in ex])
         return {f"eval_{k}": v for k, v in scores.items()}

@@ -60,7 +60,8 @@ def ensure_ray(num_cpus_needed: float) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed) + 2),
+        # Loopback only: a local cluster is not reachable from other hosts.
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed) + 2), _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": env})
 
 
@@ -125,8 +126,8 @@ def preflight(cfg: FinetuneConfig):
     from lorafleet.data import load_task_data
     from lorafleet.train.model import load_tokenizer
 
-    load_tokenizer(cfg.model)
-    data = load_task_data(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_task_data(cfg.data, tokenizer=tokenizer)
     log.info("data: %d train / %d validation examples, stats %s", len(data.train), len(data.validation), data.stats)
     return data
 
