@@ -27,10 +27,17 @@ def small_csv(tmp_path_factory) -> Path:
 
 
 def _wait_for_checkpoint(run_dir: Path, timeout_s: float = 300) -> bool:
+    """Until Ray Train has *registered* a checkpoint of the run. Files appear in storage as each
+    rank uploads; the checkpoint only counts once every rank has reported and the controller
+    recorded it in its snapshot (Ray 2.60's checkpoint_manager_snapshot.json)."""
     deadline = time.time() + timeout_s
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     while time.time() < deadline:
-        if list(run_dir.glob("checkpoint_*/trainer_state.json")):
-            return True
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, ValueError):
+            pass
         time.sleep(0.2)
     return False
 

@@ -105,7 +105,7 @@ def test_mlflow_run_params_metrics_artifacts_and_registry(trained):
     client = MlflowClient(resolve_tracking_uri(cfg.tracking))
     run = client.get_run(res["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["lora.r"] == "16" and run.data.params["distributed.strategy"] == "fsdp"
+    assert run.data.params["lora.r"] == str(cfg.lora.r) and run.data.params["distributed.strategy"] == "fsdp"
     assert run.data.tags["lorafleet.dataset_fingerprint"] == res["dataset_fingerprint"]
     assert "lorafleet.git_commit" in run.data.tags
     losses = client.get_metric_history(run.info.run_id, "train_loss")
@@ -117,7 +117,7 @@ def test_mlflow_run_params_metrics_artifacts_and_registry(trained):
     versions = list_registered_adapters(resolve_tracking_uri(cfg.tracking), "test-intent")
     v = [x for x in versions if x["run_id"] == run.info.run_id][0]
     assert v["tags"]["base_model"] == cfg.model.name_or_path
-    assert v["tags"]["method"] == "lora" and v["tags"]["r"] == "16" and v["tags"]["task"] == "banking77"
+    assert v["tags"]["method"] == "lora" and v["tags"]["r"] == str(cfg.lora.r) and v["tags"]["task"] == "banking77"
     assert v["tags"]["target_modules"] == "all-linear"
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking))
     local = mlflow.artifacts.download_artifacts(f"models:/test-intent/{res['registered_version']}")

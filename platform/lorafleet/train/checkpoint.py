@@ -46,10 +46,10 @@ class TrainState:
     finished: bool = False
 
 
-def _options(trainable_only: bool, full: bool = False):
+def _options(trainable_only: bool, full: bool = False, strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=trainable_only, full_state_dict=full, cpu_offload=full)
+    return StateDictOptions(ignore_frozen_params=trainable_only, full_state_dict=full, cpu_offload=full, strict=strict)
 
 
 def save_training_checkpoint(path: str | Path, model, optimizer, scheduler, state: TrainState, trainable_only: bool) -> None:
@@ -77,7 +77,14 @@ def load_training_checkpoint(path: str | Path, model, optimizer, scheduler, trai
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
     loaded = {"model": model_sd, "optim": optim_sd}
     dcp.load(loaded, checkpoint_id=str(path / DCP_DIR))
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=_options(trainable_only))
+    # A LoRA checkpoint holds only trainable parameters, so frozen base weights are "missing"
+    # by design: load non-strictly, then insist that every trainable parameter was restored.
+    result = set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                            options=_options(trainable_only, strict=not trainable_only))
+    trainable = {_param_name(n) for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in getattr(result, "missing_keys", []) if k in trainable]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks {len(missing)} trainable parameter(s), e.g. {missing[:3]}")
     state = TrainState(**json.loads(state_file.read_text()))
     if scheduler is not None and state.scheduler:
         scheduler.load_state_dict(state.scheduler)
@@ -115,6 +122,11 @@ def export_model(path: str | Path, model, tokenizer, method: str) -> None:
         conf = json.loads(cfg_file.read_text())
         conf["use_cache"] = True
         cfg_file.write_text(json.dumps(conf, indent=2))
+
+
+def _param_name(key: str) -> str:
+    # DDP prefixes parameter names with "module."; state-dict keys do not carry it.
+    return key if not key.startswith("module.") else key[len("module."):]
 
 
 def _rank() -> int:

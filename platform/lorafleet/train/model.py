@@ -83,8 +83,29 @@ def load_base_model(cfg: FinetuneConfig, device: torch.device):
     model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
     if cfg.method != "qlora":
         model.to(device)
+    else:
+        disable_bnb_cpu_inference_repack(model)
     model.config.use_cache = False
     return model
+
+
+def disable_bnb_cpu_inference_repack(model) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights in place during evaluation on CPU.
+
+    bitsandbytes >= 0.48 (``Linear4bit.forward``, bitsandbytes/nn/modules.py) converts a
+    layer's weight to a CPU-optimised layout the first time it runs in eval mode without
+    grad on an AVX512-BF16 CPU, assigning ``weight.data`` and flagging the shared
+    ``quant_state``. Under FSDP2 the assignment hits the gathered copy while the flag stays,
+    so the first training step after an evaluation multiplies by mis-laid-out weights (seen
+    here: loss 3.4 -> 7.6 right after the epoch-end eval). Training models opt out; serving
+    (vLLM) and ``lorafleet eval`` do not go through this path.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def wrap_peft(model, cfg: FinetuneConfig):

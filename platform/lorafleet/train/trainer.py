@@ -99,7 +99,7 @@ def guard_resume(cfg: FinetuneConfig) -> None:
     marker.write_text(json.dumps({"fingerprint": fp, "config": dump_config(cfg)}, indent=2))
 
 
-def build_trainer(cfg: FinetuneConfig, tracking: dict | None):
+def build_trainer(cfg: FinetuneConfig, tracking: dict | None, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -117,6 +117,7 @@ def build_trainer(cfg: FinetuneConfig, tracking: dict | None):
             storage_path=cfg.resolved_storage_path(),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            callbacks=list(callbacks or []),
         ),
     )
 
@@ -132,8 +133,13 @@ def preflight(cfg: FinetuneConfig):
     return data
 
 
-def run_finetune(cfg: FinetuneConfig, tracking_cfg_override: dict | None = None) -> dict:
-    """Run one fine-tune end to end and return the content of ``result.json``."""
+def run_finetune(cfg: FinetuneConfig, *, callbacks: list | None = None, parent_run_id: str | None = None,
+                 extra_tags: dict[str, str] | None = None) -> dict:
+    """Run one fine-tune end to end and return the content of ``result.json``.
+
+    ``callbacks`` go to the Ray Train run (a sweep passes Tune's ``TuneReportCallback``);
+    ``parent_run_id`` nests the MLflow run under a sweep's parent run.
+    """
     started = time.time()
     cfg = resolve_local_paths(cfg)
     data = preflight(cfg)
@@ -143,19 +149,21 @@ def run_finetune(cfg: FinetuneConfig, tracking_cfg_override: dict | None = None)
 
     tracking = None
     run_id = None
-    tags = _run_tags(cfg, data)
+    tags = {**_run_tags(cfg, data), **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     if cfg.tracking.enabled:
         from lorafleet.tracking import WandbSettings, resolve_tracking_uri, start_or_resume_run
 
         uri = resolve_tracking_uri(cfg.tracking)
         run_id = start_or_resume_run(cfg.tracking, cfg.run_name, flatten(dump_config(cfg)), tags)
         wandb = WandbSettings.from_config(cfg.tracking, name=cfg.run_name, config=dump_config(cfg), dir=str(out))
-        tracking = {"tracking_uri": uri, "run_id": run_id, "wandb": _asdict(wandb), **(tracking_cfg_override or {})}
+        tracking = {"tracking_uri": uri, "run_id": run_id, "wandb": _asdict(wandb)}
         log.info("MLflow run %s at %s", run_id, uri)
 
     workers_cpu = cfg.distributed.num_workers * cfg.distributed.resources_per_worker.get("CPU", 1)
     ensure_ray(workers_cpu)
-    trainer = build_trainer(cfg, tracking)
+    trainer = build_trainer(cfg, tracking, callbacks)
     try:
         result = trainer.fit()
     except Exception:
