@@ -63,6 +63,20 @@ def test_optuna_search_is_a_config_choice():
     assert isinstance(_search_alg(cfg.sweep, "max"), OptunaSearch)
 
 
+def test_random_and_grid_search_respect_the_concurrency_limit():
+    from lorafleet.tune.sweep import _search_alg
+
+    cfg = load_config(SweepConfig, REPO / "jobs/configs/banking77-sweep.yaml")
+    assert _search_alg(cfg.sweep, "max", 3).max_concurrent == 3
+
+
+def _span(out: Path, tmp_path: Path, trial_id: str, work_home: Path) -> tuple[float, float]:
+    """(first, last) report time of a trial, from Tune's per-trial result.json lines."""
+    trial_dir = next((work_home / "tune_results" / "test-sweep").glob(f"_trial_{trial_id}_*"))
+    stamps = [json.loads(line)["timestamp"] for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    return min(stamps), max(stamps)
+
+
 def _sweep_yaml(tmp_path: Path, base: Path, data: Path) -> Path:
     cfg = {
         "sweep": {
@@ -132,6 +146,9 @@ def test_sweep_asha_failure_registration_and_resume(tiny_base, tmp_path, work_ho
     assert all("nonexistent_proj" in str(t["params"]) for t in trials if t["status"] == "error"), trials
     assert "early_stopped" in statuses, trials  # ASHA stopped at least one trial
     assert statuses.count("completed") >= 1
+    # max_concurrent_trials=1: no two trials' runs overlapped in time.
+    spans = sorted((_span(out, tmp_path, t["trial_id"], work_home)) for t in trials if t["status"] != "error")
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
     # Trials finished in attempt 1 were not run again: their outputs are untouched.
     for trial_id, mtime in finished.items():
         assert (out / "trials" / trial_id / "result.json").stat().st_mtime == mtime, trial_id

@@ -122,7 +122,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         tuner = tune.Tuner(
             trainable,
             param_space=tune_param_space(s.space),
-            tune_config=tune.TuneConfig(metric=s.metric, mode=mode, num_samples=s.num_samples, search_alg=_search_alg(s, mode),
+            tune_config=tune.TuneConfig(metric=s.metric, mode=mode, num_samples=s.num_samples, search_alg=_search_alg(s, mode, concurrency),
                                         scheduler=_scheduler(s), max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=s.name, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
@@ -131,7 +131,13 @@ def run_sweep(cfg: SweepConfig) -> dict:
     return _summarise(cfg, ft, grid, parent_run_id, out, mode)
 
 
-def _search_alg(s: SweepSettings, mode: str):
+def _search_alg(s: SweepSettings, mode: str, max_concurrent: int = 0):
+    """The search algorithm, limited to ``max_concurrent`` running trials.
+
+    NOTE: Tune applies ``TuneConfig.max_concurrent_trials`` to ``Searcher`` instances (wrapping
+    them in a ConcurrencyLimiter) but ignores it, with only a warning, for a
+    ``BasicVariantGenerator`` instance (ray/tune/tune.py), so the generator gets it directly.
+    """
     from ray import tune
 
     if s.search == "optuna":
@@ -141,7 +147,7 @@ def _search_alg(s: SweepSettings, mode: str):
         if any(d.grid is not None for d in s.space.values()):
             raise ValueError("sweep.search optuna cannot take grid distributions; use choice instead")
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed))
-    return tune.search.BasicVariantGenerator(random_state=s.seed)
+    return tune.search.BasicVariantGenerator(random_state=s.seed, max_concurrent=max_concurrent)
 
 
 def _scheduler(s: SweepSettings):
@@ -153,6 +159,15 @@ def _scheduler(s: SweepSettings):
     return ASHAScheduler(time_attr="training_iteration", grace_period=a.grace_period, reduction_factor=a.reduction_factor, max_t=a.max_t)
 
 
+def _params_json(trial_path: str) -> dict:
+    """A trial's sampled params from the params.json Tune writes: a restored experiment's
+    errored trials come back from ``ResultGrid`` with an empty config."""
+    try:
+        return json.loads((Path(trial_path) / "params.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _trial_rows(grid, metric: str) -> list[dict[str, Any]]:
     rows = []
     for r in grid:
@@ -162,7 +177,7 @@ def _trial_rows(grid, metric: str) -> list[dict[str, Any]]:
         trial_id = m.get("trial_id") or Path(r.path).name
         rows.append({
             "trial_id": trial_id,
-            "params": dict(r.config or {}),
+            "params": dict(r.config or {}) or _params_json(r.path),
             "status": status,
             "metric": m.get(metric),
             "stopped_at_iteration": m.get("training_iteration"),
