@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     _stage(3, total, "LoRA fine-tune: intent detection, FSDP2 across 2 Ray Train workers, MLflow-tracked and registered")
     cfg = load_config(FinetuneConfig, Path(__file__).resolve().parents[2] / "jobs/configs/banking77-lora.yaml", [
         f"model.name_or_path={base}", f"data.path={data_dir / 'intents_train.csv'}", "run_name=demo-intent",
-        "training.num_epochs=4", "checkpoint.every_n_steps=20", "tracking.experiment_name=demo",
+        "training.num_epochs=6", "training.per_device_batch_size=8", "checkpoint.every_n_steps=40", "tracking.experiment_name=demo",
         "tracking.register_as=demo-intent", f"output_dir={work / 'outputs' / 'demo-intent'}"])
     res = run_finetune(cfg)
     m = res["metrics"]

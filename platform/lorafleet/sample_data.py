@@ -29,7 +29,7 @@ INTENTS: dict[str, tuple[list[str], list[str]]] = {
     "top_up_failed": (["My {x} failed", "Why did my {x} not go through?", "The {x} was declined", "I tried a {x} and it did not work",
                        "Error when doing a {x}", "Can you tell me why the {x} was rejected?"],
                       ["top up", "top-up", "card top up", "bank top up", "top up by transfer"]),
-    "balance_not_updated": (["My balance did not update after the {x}", "The {x} is not showing in my balance", "Balance still old after {x}",
+    "balance_not_updated_after_bank_transfer": (["My balance did not update after the {x}", "The {x} is not showing in my balance", "Balance still old after {x}",
                              "Why is my balance the same after the {x}?", "I made a {x} but the balance is wrong", "When will the {x} show in my balance?"],
                             ["transfer", "deposit", "cheque", "payment", "bank transfer"]),
     "change_pin": (["How do I change my {x}?", "I want a new {x}", "Can I reset my {x}?", "Where can I update the {x}?",
