@@ -4,6 +4,7 @@
     lorafleet eval --base work/base --adapter out/adapter --task banking77 --data test.csv --limit 200
     lorafleet export --base work/base --adapter out/adapter --merge --out merged/
     lorafleet adapters list
+    lorafleet serve --config serve/tiny-cpu.yaml
     lorafleet tasks
 """
 
@@ -72,6 +73,12 @@ def _adapters_list(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from lorafleet.serve.cli import serve_main
+
+    return serve_main(args.config, args.set)
+
+
 def _tasks(args) -> int:
     from lorafleet.data import list_tasks
 
@@ -116,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--name")
     al.add_argument("--json", action="store_true")
     al.set_defaults(func=_adapters_list)
+
+    sv = sub.add_parser("serve", help="run the multi-LoRA server on a local Ray (blocks; Ctrl-C stops it)")
+    sv.add_argument("--config", required=True, help="Serve YAML (serve/*.yaml) or a bare ServeConfig file")
+    sv.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    sv.set_defaults(func=_serve)
 
     t = sub.add_parser("tasks", help="list the task catalogue")
     t.set_defaults(func=_tasks)

@@ -1,0 +1,244 @@
+"""The one configuration model of the server (``ServeConfig``) and its loader.
+
+The same model is read three ways:
+
+* ``serve run serve/tiny-cpu.yaml`` / ``serve deploy``: a Ray Serve config file whose
+  application ``args`` are a ``ServeConfig`` (``import_path: lorafleet.serve.app:build_app``);
+* ``lorafleet serve --config FILE [--set key.path=value ...]``: FILE is either such a Serve
+  config file (the first lorafleet application is taken) or a bare ``ServeConfig`` YAML;
+* ``ServeConfig(...)`` in Python (tests, notebooks).
+
+Field names follow vLLM (``max_loras``, ``max_cpu_loras``, ``max_lora_rank``,
+``max_model_len``, ``max_num_seqs``...) and Ray Serve (``num_replicas``,
+``max_ongoing_requests``, ``max_queued_requests``...). Cross-field rules are checked in one
+validator that reports every violated rule with both values.
+
+Example::
+
+    cfg = load_serve_config("serve/tiny-cpu.yaml", ["port=8001", "engine.max_loras=4"])
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from lorafleet.config.base import ConfigError, StrictModel, apply_overrides, read_yaml, validate_config
+
+# vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+APP_IMPORT_PATH = "lorafleet.serve.app:build_app"
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_MODELS_URI = re.compile(r"^models:/[^/@]+(/[^/]+|@[^/]+)/?$")
+
+
+class EngineSettings(StrictModel):
+    """vLLM engine arguments (``vllm.engine.arg_utils.AsyncEngineArgs``) this server exposes.
+
+    ``lorafleet.serve.engine.engine_args`` is the one place these become engine arguments
+    and where CPU and GPU defaults differ.
+    """
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight/activation dtype. `auto`: float32 on CPU (bfloat16 crashes vLLM's CPU kernels on many CPUs), bfloat16 on GPU.")
+    max_model_len: Optional[int] = Field(
+        None, ge=16, description="Context length in tokens (prompt + completion). Default: the model's own maximum.")
+    max_loras: int = Field(
+        4, ge=1, description="Adapters that can be active in one batch (vLLM GPU slots). Requests for more adapters wait for a slot.")
+    max_cpu_loras: Optional[int] = Field(
+        None, ge=1, description="Adapters kept loaded in host memory (vLLM's LRU cache behind the slots); evicted least-recently-used. Default: max_loras.")
+    max_lora_rank: int = Field(
+        16, description=f"Largest LoRA rank `r` any adapter may have; one of {list(VLLM_LORA_RANKS)}. Memory per slot grows with it.")
+    max_num_seqs: int = Field(
+        32, ge=1, description="Sequences vLLM batches together per step (all adapters mixed).")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of accelerator memory vLLM may use (weights + KV cache). On CPU it is the fraction of host memory; keep it low (0.1-0.2) on shared machines.")
+    kv_cache_memory_bytes: Optional[int] = Field(
+        None, ge=1, description="Explicit KV-cache size in bytes; overrides gpu_memory_utilization for the cache (predictable on CPU).")
+    enforce_eager: Optional[bool] = Field(
+        None, description="Disable CUDA graphs / torch.compile. Default: true on CPU, false on GPU.")
+    seed: int = Field(0, description="Engine seed (requests may pass their own `seed`).")
+    max_logprobs: int = Field(20, ge=0, le=20, description="Largest `logprobs` / `top_logprobs` a request may ask for.")
+    log_engine_stats: bool = Field(False, description="Let vLLM log its periodic throughput lines.")
+
+
+class AutoscalingSettings(StrictModel):
+    """Ray Serve autoscaling of the engine deployment (``autoscaling_config``)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest engine replicas (0 scales to zero; the first request then waits for a cold start).")
+    max_replicas: int = Field(2, ge=1, description="Most engine replicas.")
+    target_ongoing_requests: float = Field(8, gt=0, description="Ongoing requests per replica Serve aims for when scaling.")
+
+
+class DeploymentSettings(StrictModel):
+    """How many engine replicas run and what each holds (Ray Serve deployment options)."""
+
+    num_replicas: Optional[int] = Field(1, ge=1, description="Fixed number of engine replicas, each with its own vLLM engine and every adapter. Set to null when `autoscaling` is given.")
+    autoscaling: Optional[AutoscalingSettings] = Field(None, description="Scale engine replicas with load instead of a fixed num_replicas.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one engine replica runs at once (vLLM batches them). Keep it >= engine.max_num_seqs.")
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per engine replica.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per engine replica (1 on a GPU cluster; vLLM uses the one Ray assigns).")
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (routing only, cheap). /metrics reports what the answering ingress replica saw; keep 1 for whole-app counters.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the engine replicas (Ray runtime_env), e.g. VLLM_CPU_OMP_THREADS_BIND, HF_HOME, HF_TOKEN.")
+    health_check_period_s: float = Field(10, gt=0, description="How often Serve checks that each replica's engine is alive.")
+    health_check_timeout_s: float = Field(60, gt=0, description="How long one health check may take before the replica is restarted.")
+
+
+class AdapterSource(StrictModel):
+    """One adapter the server offers: a client names it in the request's `model` field."""
+
+    name: str = Field(description="Name clients put in `model` (letters, digits, `._:-`; at most 128 characters).")
+    source: str = Field(description="`models:/<registered name>/<version>`, `models:/<name>@<alias>` (MLflow registry) or a local PEFT adapter folder inside `allowed_local_roots`.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _ADAPTER_NAME.match(v):
+            raise ValueError("adapter name must start with a letter or digit and contain only letters, digits and `._:-` (at most 128 characters)")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v.startswith("models:") and not _MODELS_URI.match(v):
+            raise ValueError("an MLflow source must look like models:/<name>/<version> or models:/<name>@<alias>")
+        if "://" in v and not v.startswith("models:"):
+            raise ValueError("sources are MLflow registry URIs (models:/...) or local folders; other URI schemes are not supported")
+        return v
+
+    @property
+    def is_registry(self) -> bool:
+        return self.source.startswith("models:")
+
+
+class LimitSettings(StrictModel):
+    """Per-request limits and the queue bound; requests over them get an OpenAI-style error."""
+
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted (413 above it).")
+    max_tokens: int = Field(1024, ge=1, description="Cap on `max_tokens` / `max_completion_tokens` of one request (400 above it); also the default for chat requests that give none (bounded by the context).")
+    max_n: int = Field(8, ge=1, description="Cap on `n` (choices per prompt) and on the number of prompts in one completions request.")
+    max_queued_requests: int = Field(128, ge=1, description="Requests waiting for a free engine slot (beyond replicas x max_ongoing_requests) before new ones get 503 (Serve's max_queued_requests).")
+
+
+class ServeConfig(StrictModel):
+    """Everything the multi-LoRA server needs; validated once when the app is built."""
+
+    model: str = Field(description="Base model: a hub name (e.g. meta-llama/Llama-3.1-8B-Instruct) or a local folder with config, tokenizer and weights.")
+    served_model_name: Optional[str] = Field(None, description="Name clients use in `model` for the base itself. Default: the model's folder or hub name.")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer folder or hub name when it differs from `model`.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine arguments.")
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="Engine replicas, autoscaling and resources.")
+    host: str = Field("127.0.0.1", description="HTTP address `lorafleet serve` binds (0.0.0.0 to expose it). With `serve run`/`serve deploy` the file's http_options apply; keep them equal.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port `lorafleet serve` binds (see `host`).")
+    route_prefix: str = Field("/", description="URL prefix of the app (routes live under it, e.g. /v1/completions).")
+    adapters: list[AdapterSource] = Field(default_factory=list, description="Adapters offered from the start; loaded into the engine lazily on first use.")
+    allowed_local_roots: list[str] = Field(default_factory=list, description="Folders local adapter sources must lie inside (after resolving symlinks). A local source outside all of them is refused.")
+    mlflow_tracking_uri: Optional[str] = Field(None, description="MLflow tracking/registry URI for models:/ sources. Default: $MLFLOW_TRACKING_URI, else the embedded store of the work dir.")
+    adapter_cache_dir: Optional[str] = Field(None, description="Where registry adapters are downloaded (content-addressed, shared by replicas on a node). Default: <work dir>/serve/adapters.")
+    download_adapters_at_start: bool = Field(True, description="Resolve (download and check) every adapter when a replica starts, so a bad source fails the deploy. false: on first use (many large adapters).")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits and the queue bound.")
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("route_prefix must start with `/`")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "ServeConfig":
+        e, d, problems = self.engine, self.deployment, []
+        if e.max_lora_rank not in VLLM_LORA_RANKS:
+            problems.append(f"engine.max_lora_rank ({e.max_lora_rank}) must be one of {list(VLLM_LORA_RANKS)} (vLLM's supported ranks)")
+        if e.max_cpu_loras is not None and e.max_cpu_loras < e.max_loras:
+            problems.append(f"engine.max_cpu_loras ({e.max_cpu_loras}) must be >= engine.max_loras ({e.max_loras})")
+        if d.autoscaling is not None and d.num_replicas is not None:
+            problems.append(f"deployment.num_replicas ({d.num_replicas}) and deployment.autoscaling are exclusive; set num_replicas: null to autoscale")
+        if d.autoscaling is None and d.num_replicas is None:
+            problems.append("deployment.num_replicas is null but deployment.autoscaling is not set; give one of them")
+        if d.autoscaling is not None and d.autoscaling.min_replicas > d.autoscaling.max_replicas:
+            problems.append(f"deployment.autoscaling.min_replicas ({d.autoscaling.min_replicas}) must be <= max_replicas ({d.autoscaling.max_replicas})")
+        if d.max_ongoing_requests < e.max_num_seqs:
+            problems.append(f"deployment.max_ongoing_requests ({d.max_ongoing_requests}) must be >= engine.max_num_seqs ({e.max_num_seqs}), or the engine never fills its batch")
+        names = [a.name for a in self.adapters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(f"adapters: names must be unique, repeated: {duplicates}")
+        if self.base_model_name in names:
+            problems.append(f"adapters: {self.base_model_name!r} is the base model's name (served_model_name); give the adapter another name")
+        local = [a.name for a in self.adapters if not a.is_registry]
+        if local and not self.allowed_local_roots:
+            problems.append(f"adapters {local} are local folders but allowed_local_roots is empty; list the folders adapters may be read from")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def base_model_name(self) -> str:
+        """The name clients use for the base model."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model)
+        return path.name if path.name else self.model
+
+    def absolute(self, root: Optional[Path] = None) -> "ServeConfig":
+        """A copy with local paths (model, tokenizer, local adapter sources, roots, cache dir)
+        made absolute against ``root`` (default: the current directory), so replicas started
+        in other working directories read the same files."""
+        root = Path(root or Path.cwd())
+
+        def fix(p: Optional[str]) -> Optional[str]:
+            if p is None:
+                return None
+            q = Path(p).expanduser()
+            if q.is_absolute():
+                return str(q)
+            candidate = root / q
+            # A hub name (org/model) is not a local path: only rewrite what exists or clearly is one.
+            return str(candidate) if candidate.exists() or p.startswith((".", "~")) else p
+
+        data = self.model_dump()
+        data["model"] = fix(self.model)
+        data["tokenizer"] = fix(self.tokenizer)
+        data["allowed_local_roots"] = [str((root / Path(r).expanduser())) for r in self.allowed_local_roots]
+        if self.adapter_cache_dir:
+            data["adapter_cache_dir"] = str(root / Path(self.adapter_cache_dir).expanduser())
+        uri = self.mlflow_tracking_uri
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+            data["mlflow_tracking_uri"] = f"sqlite:///{root / uri[len('sqlite:///'):]}"  # a relative sqlite file
+        for a in data["adapters"]:
+            if not a["source"].startswith("models:"):
+                a["source"] = str(root / Path(a["source"]).expanduser())
+        return ServeConfig.model_validate(data)
+
+
+def serve_app_args(data: dict, source: str) -> tuple[dict, dict]:
+    """Split a Ray Serve config file into (ServeConfig data, http_options).
+
+    A file with top-level ``applications`` is a Serve config: the first application whose
+    ``import_path`` is lorafleet's builder gives the args. Anything else is a bare ServeConfig.
+    """
+    if "applications" not in data:
+        return data, {}
+    apps = [a for a in data.get("applications") or [] if isinstance(a, dict) and a.get("import_path") == APP_IMPORT_PATH]
+    if not apps:
+        raise ConfigError(source, [f"no application with import_path: {APP_IMPORT_PATH} in this Serve config file"])
+    return dict(apps[0].get("args") or {}), dict(data.get("http_options") or {})
+
+
+def load_serve_config(path: str | Path, overrides: Iterable[str] = ()) -> ServeConfig:
+    """Read ``path`` (a Serve config file or a bare ServeConfig YAML), apply ``--set`` overrides, validate.
+
+    Overrides use ServeConfig paths (``port=8001``, ``engine.max_loras=8``). A Serve file's
+    ``http_options`` host/port fill ``host``/``port`` when the args leave them unset.
+    """
+    data = read_yaml(path)
+    args, http = serve_app_args(data, str(path))
+    for key in ("host", "port"):
+        if key in http and key not in args:
+            args[key] = http[key]
+    args, errors = apply_overrides(args, overrides)
+    return validate_config(ServeConfig, args, str(path), errors)

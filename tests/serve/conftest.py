@@ -1,0 +1,87 @@
+"""Fixtures for the serving tests: a tiny base and decisive adapters built in-process (no Ray),
+their offline PEFT + Transformers outputs, and an MLflow registry holding one adapter.
+
+The base is a 2-layer Llama (hidden 128, 2 heads of dimension 64, the size vLLM's CPU
+attention accepts) with a BPE tokenizer trained on banking77 queries and a short plain-torch
+language-model pre-training, so its own greedy outputs are not coin flips. Each adapter is
+trained with plain PEFT for a few dozen steps to answer every query with its own phrase, so
+the adapter that answered is obvious from the text.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serve_helpers import PROMPT_SUFFIX, TARGETS, ServeAssets, offline_greedy, train_adapter, train_base
+from testutils import banking_rows
+
+
+@pytest.fixture(scope="session")
+def serve_assets(tmp_path_factory) -> ServeAssets:
+    """Tiny base + 4 adapters + offline expectations (built once per session, ~30 s)."""
+    import torch
+
+    # Tiny matmuls: one thread is ~3x faster than two on a busy 2-core machine (no OpenMP
+    # spinning against other processes). Restored afterwards for the rest of the session.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build_assets(tmp_path_factory.mktemp("serve-assets"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_assets(root: Path) -> ServeAssets:
+    rows = banking_rows(4000, seed=3)
+    lines = [r["text"] for r in rows]
+    base = root / "base"
+    train_base(base, lines, steps=150)
+    queries = lines[:400]
+    adapters = {}
+    for i, (name, target) in enumerate(TARGETS.items()):
+        adapters[name] = root / "adapters" / name
+        train_adapter(base, adapters[name], target, queries, seed=i)
+    prompts = [q + PROMPT_SUFFIX for q in (lines[1000], lines[1001], lines[1002])]
+    messages = [{"role": "user", "content": lines[1003]}]
+    from transformers import AutoTokenizer
+
+    chat_prompt = AutoTokenizer.from_pretrained(base).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assets = ServeAssets(root, base, adapters, prompts, messages, chat_prompt=chat_prompt)
+    tok = AutoTokenizer.from_pretrained(base)
+    for name in ["base", *TARGETS]:
+        path = None if name == "base" else adapters[name]
+        ids = offline_greedy(base, path, prompts)
+        ids.update(offline_greedy(base, path, [chat_prompt], add_special_tokens=False))
+        assets.expected_ids[name] = ids
+        assets.expected_text[name] = {p: tok.decode(t, skip_special_tokens=True) for p, t in ids.items()}
+    return assets
+
+
+@pytest.fixture(scope="session")
+def mlflow_adapter(serve_assets, tmp_path_factory) -> tuple[str, str, str]:
+    """The delta adapter registered in a fresh sqlite MLflow store: (tracking_uri, "models:/.../1", "models:/...@champion")."""
+    from mlflow import MlflowClient
+
+    home = tmp_path_factory.mktemp("serve-mlflow")
+    uri = f"sqlite:///{home}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("serve-test", artifact_location=(home / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(serve_assets.adapters["delta"]), artifact_path="adapter")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("serve-test-delta")
+    mv = client.create_model_version("serve-test-delta", source=f"runs:/{run.info.run_id}/adapter", run_id=run.info.run_id)
+    client.set_registered_model_alias("serve-test-delta", "champion", mv.version)
+    return uri, f"models:/serve-test-delta/{mv.version}", "models:/serve-test-delta@champion"
+
+
+@pytest.fixture
+def copy_adapter(serve_assets):
+    """Factory: copy an adapter folder somewhere (for path-rule tests)."""
+    def copy(name: str, dst: Path) -> Path:
+        shutil.copytree(serve_assets.adapters[name], dst)
+        return dst
+    return copy

@@ -1,0 +1,419 @@
+"""The real thing: a Ray Serve app with two vLLM engine replicas on the tiny base, four adapters
+(three local folders, one from an MLflow registry under two URIs), spoken to over real HTTP
+and with the official ``openai`` client.
+
+One app is shared by the whole module (starting vLLM costs tens of seconds per replica).
+Tests run in file order; the last one kills an engine replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from serve_helpers import LOCAL_ADAPTERS, MAX_NEW_TOKENS, near_tie
+
+pytestmark = pytest.mark.slow
+
+APP = "lorafleet-test"
+PREFIX = "/lf"
+BASE = "tiny-base"
+MAX_MODEL_LEN = 256
+TOKEN_CAP = 128
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    url: str
+    cfg: object
+    startup_s: float
+    replicas_seen: dict  # model -> set of engine replica ids that answered it
+
+
+@pytest.fixture(scope="module")
+def served(serve_assets, mlflow_adapter, tmp_path_factory):
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from lorafleet.serve.app import app_from_config
+    from lorafleet.serve.config import ServeConfig
+
+    tracking_uri, version_uri, alias_uri = mlflow_adapter
+    started_ray = not ray.is_initialized()
+    if started_ray:  # another module may have started Ray already: reuse it, never shut it down
+        ray.init(num_cpus=8, _node_ip_address="127.0.0.1", log_to_driver=False)
+    client = _get_global_client(raise_if_no_controller_running=False)
+    started_serve = client is None
+    if started_serve:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    else:
+        port = client.http_config.port
+    adapters = [{"name": n, "source": str(serve_assets.adapters[n])} for n in LOCAL_ADAPTERS]
+    adapters += [{"name": "delta", "source": version_uri}, {"name": "delta-champion", "source": alias_uri}]
+    cfg = ServeConfig(
+        model=str(serve_assets.base), served_model_name=BASE, adapters=adapters,
+        allowed_local_roots=[str(serve_assets.root / "adapters")], mlflow_tracking_uri=tracking_uri,
+        adapter_cache_dir=str(tmp_path_factory.mktemp("adapter-cache")),
+        engine={"max_model_len": MAX_MODEL_LEN, "max_loras": 2, "max_cpu_loras": 4, "max_lora_rank": 8, "max_num_seqs": 4,
+                "kv_cache_memory_bytes": 64 * 2**20},
+        # Two engines on a 2-core machine: one OpenMP thread each, unpinned, instead of both
+        # binding every core and spinning against each other.
+        deployment={"num_replicas": 2, "max_ongoing_requests": 4, "health_check_period_s": 5,
+                    "env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}},
+        limits={"max_tokens": TOKEN_CAP, "max_body_bytes": 65536, "max_queued_requests": 8},
+    )
+    try:
+        started = time.monotonic()
+        serve.run(app_from_config(cfg), name=APP, route_prefix=PREFIX)
+        startup_s = time.monotonic() - started
+        print(f"\nlorafleet app with 2 vLLM replicas up in {startup_s:.1f}s on port {port}")
+        yield Served(f"http://127.0.0.1:{port}{PREFIX}", cfg, startup_s, defaultdict(set))
+    finally:
+        serve.delete(APP)
+        if started_serve:
+            serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=served.url, timeout=120) as client:
+        yield client
+
+
+def complete(http, served, model: str, prompt, **kw) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0, **kw}
+    r = http.post("/v1/completions", json=body)
+    if r.status_code == 200 and r.headers.get("x-lorafleet-replica"):
+        served.replicas_seen[model].add(r.headers["x-lorafleet-replica"])
+    return r
+
+
+def assert_openai_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def assert_matches_offline(assets, model: str, prompt: str, text: str, add_special_tokens: bool = True) -> None:
+    """Served greedy text equals PEFT + Transformers offline, or differs only at a demonstrated near-tie."""
+    key = "delta" if model.startswith("delta") else ("base" if model == BASE else model)
+    expected = assets.expected_text[key][prompt]
+    if text == expected:
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.base)
+    ours = tok(text, add_special_tokens=False).input_ids
+    adapter = None if key == "base" else assets.adapters[key]
+    tie, detail = near_tie(assets.base, adapter, prompt, ours, assets.expected_ids[key][prompt], add_special_tokens=add_special_tokens)
+    assert tie, f"{model} on {prompt!r}: served {text!r}, offline {expected!r}; {detail}"
+    warnings.warn(f"{model} on {prompt!r}: served {text!r} vs offline {expected!r} differ at a near-tie ({detail})")
+
+
+# --------------------------------------------------------------------------- listing, health
+
+
+def test_models_health_and_readiness(http, served):
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list"
+    by_id = {m["id"]: m for m in models["data"]}
+    assert set(by_id) == {BASE, "alpha", "beta", "gamma", "delta", "delta-champion"}
+    assert by_id[BASE]["parent"] is None and all(by_id[a]["parent"] == BASE for a in by_id if a != BASE)
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+
+
+# --------------------------------------------------------------------------- the right adapter answers
+
+
+@pytest.mark.parametrize("model", [BASE, *LOCAL_ADAPTERS, "delta", "delta-champion"])
+def test_greedy_output_equals_peft_offline(http, served, serve_assets, model):
+    for prompt in serve_assets.prompts:
+        r = complete(http, served, model, prompt)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "text_completion" and body["model"] == model
+        choice = body["choices"][0]
+        assert choice["finish_reason"] in ("stop", "length")
+        assert_matches_offline(serve_assets, model, prompt, choice["text"])
+        usage = body["usage"]
+        assert usage["prompt_tokens"] == len(serve_assets_tokens(serve_assets, prompt))
+        assert usage["completion_tokens"] >= 1 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def serve_assets_tokens(assets, prompt: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.base)(prompt).input_ids
+
+
+def test_base_and_each_adapter_answer_differently(http, served, serve_assets):
+    prompt = serve_assets.prompts[0]
+    texts = {m: complete(http, served, m, prompt).json()["choices"][0]["text"] for m in (BASE, "alpha", "beta", "gamma", "delta")}
+    assert len(set(texts.values())) == len(texts), texts
+    assert texts["delta"] == complete(http, served, "delta-champion", prompt).json()["choices"][0]["text"]  # same registered version
+
+
+def test_chat_uses_the_tokenizer_template(http, served, serve_assets):
+    for model in (BASE, "beta"):
+        r = http.post("/v1/chat/completions", json={"model": model, "messages": serve_assets.chat_messages,
+                                                    "max_tokens": MAX_NEW_TOKENS, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        assert_matches_offline(serve_assets, model, serve_assets.chat_prompt, body["choices"][0]["message"]["content"], add_special_tokens=False)
+        assert body["usage"]["prompt_tokens"] == len(serve_assets_tokens(serve_assets, serve_assets.chat_prompt))
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def read_sse(r: httpx.Response) -> list[dict]:
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("model", [BASE, "alpha", "delta"])
+def test_streaming_agrees_with_non_streaming(http, served, serve_assets, model):
+    prompt = serve_assets.prompts[1]
+    whole = complete(http, served, model, prompt).json()
+    chunks = read_sse(http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
+                                                         "stream": True, "stream_options": {"include_usage": True}}))
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert len(chunks) > 2  # token by token, not one blob
+    text = "".join(ch["text"] for c in chunks for ch in c["choices"])
+    assert text == whole["choices"][0]["text"]
+    assert [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]] == [whole["choices"][0]["finish_reason"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+    chat = {"model": model, "messages": serve_assets.chat_messages, "max_tokens": MAX_NEW_TOKENS, "temperature": 0}
+    whole = http.post("/v1/chat/completions", json=chat).json()
+    chunks = read_sse(http.post("/v1/chat/completions", json={**chat, "stream": True}))
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole["choices"][0]["message"]["content"]
+
+
+# --------------------------------------------------------------------------- replicas
+
+
+def test_requests_prefer_the_replica_that_has_the_adapter(http, served, serve_assets):
+    prompt = serve_assets.prompts[0]
+    for model in LOCAL_ADAPTERS:
+        assert complete(http, served, model, prompt).status_code == 200
+    time.sleep(1.0)  # replicas push their adapter lists to Serve's router every 0.1 s
+    for model in LOCAL_ADAPTERS:
+        holders = set(served.replicas_seen[model])
+        for _ in range(4):
+            r = complete(http, served, model, prompt)
+            assert r.status_code == 200
+            assert r.headers["x-lorafleet-replica"] in holders, (model, r.headers["x-lorafleet-replica"], holders)
+    # adapters spread over both replicas (a new adapter goes to the replica holding the fewest)
+    holders_of_adapters = set().union(*(served.replicas_seen[m] for m in ("alpha", "beta", "gamma", "delta", "delta-champion")))
+    assert len(holders_of_adapters) == 2, dict(served.replicas_seen)
+
+
+# --------------------------------------------------------------------------- batching, sampling
+
+
+def test_mixed_adapter_requests_run_concurrently(served, serve_assets):
+    """Base and adapters in one burst: all succeed, each with its own adapter's answer (vLLM
+    batches them together; on CPU this also covers the base-row aliasing workaround)."""
+    models = [BASE, "alpha", "beta", "gamma", "delta"] * 2
+    prompts = [serve_assets.prompts[i % len(serve_assets.prompts)] for i in range(len(models))]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=served.url, timeout=120) as client:
+            return await asyncio.gather(*[
+                client.post("/v1/completions", json={"model": m, "prompt": p, "max_tokens": MAX_NEW_TOKENS, "temperature": 0})
+                for m, p in zip(models, prompts)])
+
+    started = time.monotonic()
+    responses = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    for model, prompt, r in zip(models, prompts, responses):
+        assert r.status_code == 200, r.text
+        assert_matches_offline(serve_assets, model, prompt, r.json()["choices"][0]["text"])
+    print(f"\n{len(models)} mixed requests in {elapsed:.2f}s")
+
+
+def test_sampling_parameters_are_honoured(http, served, serve_assets):
+    prompt = serve_assets.prompts[0]
+    body = complete(http, served, BASE, prompt, max_tokens=4, logprobs=2).json()
+    choice = body["choices"][0]
+    assert body["usage"]["completion_tokens"] <= 4
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == body["usage"]["completion_tokens"]
+    assert all(len(top) >= 2 for top in lp["top_logprobs"]) and all(x <= 0 for x in lp["token_logprobs"])
+    # stop sequences are cut from the text
+    full = complete(http, served, "alpha", prompt).json()["choices"][0]["text"]
+    word = full.split()[1]
+    cut = complete(http, served, "alpha", prompt, stop=[word]).json()["choices"][0]
+    assert cut["text"] == full[: full.index(word)] and cut["finish_reason"] == "stop"
+    # n samples with a seed are reproducible
+    sampled = [complete(http, served, BASE, prompt, temperature=1.0, n=3, seed=7).json() for _ in range(2)]
+    assert [c["text"] for c in sampled[0]["choices"]] == [c["text"] for c in sampled[1]["choices"]]
+    assert [c["index"] for c in sampled[0]["choices"]] == [0, 1, 2]
+    # logit_bias: banning the adapter's first token changes its answer
+    tok_id = serve_assets_tokens(serve_assets, full)[0]
+    banned = complete(http, served, "alpha", prompt, logit_bias={str(tok_id): -100}).json()["choices"][0]["text"]
+    assert banned != full
+    # penalties reach vLLM (accepted, bounded by the API's range)
+    assert complete(http, served, BASE, prompt, presence_penalty=1.5, frequency_penalty=1.5).status_code == 200
+    # several prompts in one request, echo
+    two = complete(http, served, "beta", serve_assets.prompts[:2], echo=True).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    for prompt_i, c in zip(serve_assets.prompts[:2], two["choices"]):
+        assert c["text"].startswith(prompt_i)
+
+
+# --------------------------------------------------------------------------- the openai client
+
+
+def test_official_openai_client(served, serve_assets):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert {m.id for m in client.models.list()} >= {BASE, "alpha", "delta"}
+    prompt = serve_assets.prompts[2]
+    c = client.completions.create(model="gamma", prompt=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0)
+    assert_matches_offline(serve_assets, "gamma", prompt, c.choices[0].text)
+    assert c.usage.completion_tokens >= 1
+    chat = client.chat.completions.create(model="beta", messages=serve_assets.chat_messages, max_tokens=MAX_NEW_TOKENS, temperature=0)
+    assert_matches_offline(serve_assets, "beta", serve_assets.chat_prompt, chat.choices[0].message.content, add_special_tokens=False)
+    stream = client.chat.completions.create(model="beta", messages=serve_assets.chat_messages, max_tokens=MAX_NEW_TOKENS,
+                                            temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == chat.choices[0].message.content
+    text = "".join(ch.choices[0].text for ch in client.completions.create(model="gamma", prompt=prompt, max_tokens=MAX_NEW_TOKENS,
+                                                                         temperature=0, stream=True))
+    assert text == c.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="alpha", prompt="hi", max_tokens=2, extra_body={"not_a_param": 1})
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors_have_openai_shape_and_status(http, served, serve_assets):
+    prompt = serve_assets.prompts[0]
+    err = assert_openai_error(complete(http, served, "no-such-adapter", prompt), 404, "model_not_found", "model")
+    assert "alpha" in err["message"]
+    assert_openai_error(complete(http, served, "alpha", prompt, frobnicate=True), 400, "unknown_parameter", "frobnicate")
+    assert_openai_error(complete(http, served, "alpha", prompt, temperature=5), 400, "invalid_value", "temperature")
+    assert_openai_error(complete(http, served, "alpha", prompt, suffix="x"), 400, "unsupported_parameter", "suffix")
+    assert_openai_error(complete(http, served, "alpha", prompt, max_tokens=TOKEN_CAP + 1), 400, "max_tokens_too_large", "max_tokens")
+    assert_openai_error(complete(http, served, "alpha", prompt, n=2, temperature=0), 400)  # vLLM: greedy n must be 1
+    assert_openai_error(http.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "x"}],
+                                                                "tools": [{"type": "function"}]}), 400, "unsupported_parameter", "tools")
+    # prompt longer than the context: 400 with the numbers
+    long_prompt = list(range(5, 5 + 300))
+    err = assert_openai_error(complete(http, served, "alpha", long_prompt, max_tokens=10), 400, "context_length_exceeded", "prompt")
+    assert f"{MAX_MODEL_LEN} tokens" in err["message"] and "300 in the prompt" in err["message"] and "10 in the completion" in err["message"]
+    err = assert_openai_error(complete(http, served, BASE, list(range(5, 5 + 250)), max_tokens=10), 400, "context_length_exceeded")
+    assert "260 tokens" in err["message"]
+    # malformed and oversized bodies, wrong route and method
+    assert_openai_error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert_openai_error(http.post("/v1/completions", json={"model": "alpha", "prompt": "x" * 70000}), 413, "request_too_large")
+    assert_openai_error(http.post("/v1/embeddings", json={"model": "alpha", "input": "x"}), 404)
+    assert_openai_error(http.get("/v1/completions"), 405)
+    # streaming requests are rejected before the stream starts: a real status, not a 200 stream
+    assert_openai_error(http.post("/v1/completions", json={"model": "nope", "prompt": "x", "stream": True}), 404)
+
+
+def test_overload_answers_503(served, serve_assets):
+    """More long requests than replicas x max_ongoing_requests + max_queued_requests: the
+    surplus gets 503 in OpenAI's shape at once; the admitted ones finish."""
+    n = 40
+
+    async def run():
+        async with httpx.AsyncClient(base_url=served.url, timeout=300) as client:
+            body = {"model": "alpha", "prompt": serve_assets.prompts[0], "max_tokens": 100, "temperature": 0, "logit_bias": {"1": -100}}
+            return await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(n)])
+
+    responses = asyncio.run(run())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 1 and statuses.count(200) >= 8, statuses
+    assert_openai_error(next(r for r in responses if r.status_code == 503), 503, "overloaded")
+    assert all(r.json()["usage"]["completion_tokens"] == 100 for r in responses if r.status_code == 200)
+
+
+# --------------------------------------------------------------------------- metrics, failover
+
+
+def test_metrics_are_scrapeable(http, served):
+    text = http.get("/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+
+    def total(prefix: str) -> float:
+        return sum(v for k, v in samples.items() if k.startswith(prefix))
+
+    for model in (BASE, "alpha", "delta"):
+        assert total(f'lorafleet_requests_total{{endpoint="/v1/completions",model="{model}",status="200"}}') >= 3
+        assert total(f'lorafleet_completion_tokens_total{{model="{model}"}}') > 0
+        assert total(f'lorafleet_prompt_tokens_total{{model="{model}"}}') > 0
+        assert total(f'lorafleet_time_to_first_token_seconds_count{{endpoint="/v1/completions",model="{model}"}}') >= 3
+        assert total(f'lorafleet_request_latency_seconds_count{{endpoint="/v1/completions",model="{model}"}}') >= 3
+    assert total('lorafleet_requests_total{endpoint="/v1/completions",model="unknown",status="404"}') >= 1
+    assert total('lorafleet_requests_total{endpoint="/v1/completions",model="alpha",status="503"}') >= 1
+    for adapter in (*LOCAL_ADAPTERS, "delta"):
+        assert total(f'lorafleet_adapter_loads_total{{adapter="{adapter}"}}') >= 1, adapter
+    assert "lorafleet_adapter_evictions_total" in text and "lorafleet_adapters_loaded{" in text
+
+
+def test_any_replica_serves_any_adapter(http, served, serve_assets):
+    """Kill the engine replica that holds `alpha`: the adapter is still served, by a replica that
+    never had it (the survivor, or the restarted one), with the same answer."""
+    import ray
+
+    prompt = serve_assets.prompts[0]
+    r = complete(http, served, "alpha", prompt)
+    victim = r.headers["x-lorafleet-replica"]
+    had_alpha = set(served.replicas_seen["alpha"])
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#LoRAEngine#{victim}", namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 180
+    while True:
+        r = complete(http, served, "alpha", prompt)
+        if r.status_code == 200 and r.headers["x-lorafleet-replica"] != victim:
+            break
+        assert r.status_code in (200, 500, 503), r.text
+        assert time.monotonic() < deadline, f"alpha not served by another replica after the kill: {r.status_code} {r.text}"
+        time.sleep(0.5)
+    other = r.headers["x-lorafleet-replica"]
+    if had_alpha == {victim}:  # alpha had only ever been on the victim: `other` loaded it now
+        assert other not in had_alpha
+    assert_matches_offline(serve_assets, "alpha", prompt, r.json()["choices"][0]["text"])

@@ -1,0 +1,253 @@
+"""Fast checks of the serving pieces that need no running engine: the config model and the
+repo's Serve YAML files, engine arguments on CPU and GPU, request validation, adapter
+sources and path rules, and the CLI's refusal of a bad config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from lorafleet.config.base import ConfigError
+from lorafleet.serve.adapters import AdapterCatalog, AdapterError, content_hash
+from lorafleet.serve.config import APP_IMPORT_PATH, ServeConfig, load_serve_config
+from lorafleet.serve.protocol import OpenAIError, parse_request
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE_YAMLS = sorted((REPO / "serve").glob("*.yaml"))
+
+
+def make_adapter(folder: Path, r: int = 8, seed: int = 0, **extra) -> Path:
+    """A small PEFT-layout LoRA folder (real safetensors, random A and B)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 16,
+                                                            "target_modules": ["q_proj"], **extra}))
+    g = torch.Generator().manual_seed(seed)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(r, 128, generator=g),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(128, r, generator=g)},
+              str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def cfg_with(tmp_path: Path, adapters: list[dict], **kw) -> ServeConfig:
+    return ServeConfig(model="m", adapters=adapters, allowed_local_roots=[str(tmp_path / "allowed")],
+                       adapter_cache_dir=str(tmp_path / "cache"), engine={"max_lora_rank": 16}, **kw)
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def test_there_are_serve_yamls():
+    assert {p.name for p in SERVE_YAMLS} >= {"tiny-cpu.yaml", "llama-8b-gpu.yaml"}
+
+
+@pytest.mark.parametrize("path", SERVE_YAMLS, ids=lambda p: p.name)
+def test_every_serve_yaml_validates(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and path.name in first and ("serve run" in first or "serve deploy" in first), first
+    cfg = load_serve_config(path)
+    data = yaml.safe_load(path.read_text())
+    (app,) = [a for a in data["applications"] if a["import_path"] == APP_IMPORT_PATH]
+    # `lorafleet serve` binds host/port from the args, `serve run` from http_options: they must agree
+    assert (cfg.host, cfg.port) == (data["http_options"]["host"], data["http_options"]["port"])
+    assert app["route_prefix"] == cfg.route_prefix
+    if "gpu" in path.name:
+        assert cfg.deployment.num_gpus >= 1 and cfg.engine.dtype == "bfloat16"
+        assert cfg.engine.max_cpu_loras >= 100 and cfg.engine.max_loras >= 8
+
+
+def test_unknown_keys_and_cross_field_rules_are_listed_together(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": "m", "engin": {}, "engine": {"max_loras": 8, "max_cpu_loras": 4, "max_lora_rank": 12}}))
+    with pytest.raises(ConfigError) as e:
+        load_serve_config(bad)
+    assert any("engin: unknown key" in err for err in e.value.errors)
+    bad.write_text(yaml.safe_dump({"model": "m", "engine": {"max_loras": 8, "max_cpu_loras": 4, "max_lora_rank": 12, "max_model_len": 512},
+                                   "deployment": {"num_replicas": 2, "autoscaling": {"min_replicas": 3, "max_replicas": 2}},
+                                   "adapters": [{"name": "a", "source": "/x"}, {"name": "a", "source": "models:/a/1"}]}))
+    with pytest.raises(ConfigError) as e:
+        load_serve_config(bad)
+    text = str(e.value)
+    for expected in ("max_cpu_loras (4) must be >= engine.max_loras (8)", "max_lora_rank (12) must be one of",
+                     "num_replicas (2) and deployment.autoscaling are exclusive", "min_replicas (3) must be <= max_replicas (2)",
+                     "names must be unique, repeated: ['a']",
+                     "allowed_local_roots is empty"):
+        assert expected in text, (expected, text)
+    with pytest.raises(ConfigError, match="models:/<name>/<version>"):
+        load_serve_config(bad, ["adapters=[{name: b, source: 'models:/only-a-name'}]"])
+
+
+def test_overrides_and_bare_config_files(tmp_path):
+    cfg = load_serve_config(REPO / "serve" / "tiny-cpu.yaml", ["port=8123", "engine.max_loras=2", "deployment.num_replicas=3"])
+    assert (cfg.port, cfg.engine.max_loras, cfg.deployment.num_replicas) == (8123, 2, 3)
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("# lorafleet serve --config bare.yaml\nmodel: some/base\nserved_model_name: b\n")
+    cfg = load_serve_config(bare, ["host=0.0.0.0"])
+    assert cfg.base_model_name == "b" and cfg.host == "0.0.0.0" and cfg.adapters == []
+    assert ServeConfig(model="org/Model-7B").base_model_name == "Model-7B"
+    # relative local paths (and a relative sqlite store) become absolute for replicas elsewhere
+    rel = ServeConfig(model="m", adapters=[{"name": "a", "source": "out/a"}], allowed_local_roots=["out"],
+                      mlflow_tracking_uri="sqlite:///work/mlflow.db").absolute(tmp_path)
+    assert rel.adapters[0].source == str(tmp_path / "out/a") and rel.allowed_local_roots == [str(tmp_path / "out")]
+    assert rel.mlflow_tracking_uri == f"sqlite:///{tmp_path}/work/mlflow.db" and rel.model == "m"
+
+
+def test_builder_options_follow_the_config():
+    from lorafleet.serve.app import deployment_options
+
+    cfg = ServeConfig(model="m", deployment={"num_replicas": None, "autoscaling": {"min_replicas": 1, "max_replicas": 4},
+                                             "num_gpus": 1, "max_ongoing_requests": 64, "env_vars": {"HF_HOME": "/cache"}},
+                      limits={"max_queued_requests": 100})
+    engine, ingress = deployment_options(cfg)
+    assert engine["ray_actor_options"]["runtime_env"] == {"env_vars": {"HF_HOME": "/cache"}}
+    assert "num_replicas" not in engine and engine["autoscaling_config"]["max_replicas"] == 4
+    assert engine["ray_actor_options"]["num_gpus"] == 1 and engine["max_queued_requests"] == 100
+    assert ingress["max_ongoing_requests"] > 4 * 64 + 100
+
+
+def test_engine_arguments_differ_only_by_device():
+    from lorafleet.serve.engine import engine_setup
+
+    cfg = ServeConfig(model="m", adapters=[{"name": "a", "source": "models:/a/1"}],
+                      engine={"max_loras": 2, "max_cpu_loras": 6, "max_lora_rank": 32, "max_model_len": 300})
+    cpu, gpu = engine_setup(cfg, device="cpu"), engine_setup(cfg, device="cuda")
+    assert (cpu.args.dtype, cpu.args.enforce_eager, cpu.base_through_zero_adapter) == ("float32", True, True)
+    assert (gpu.args.dtype, gpu.args.enforce_eager, gpu.base_through_zero_adapter) == ("bfloat16", False, False)
+    for setup in (cpu, gpu):
+        a = setup.args
+        assert a.enable_lora and (a.max_loras, a.max_cpu_loras, a.max_lora_rank, a.max_model_len) == (2, 6, 32, 300)
+        assert a.served_model_name == "m"
+    assert engine_setup(cfg.model_copy(update={"adapters": []}), device="cpu").base_through_zero_adapter is False
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@pytest.mark.parametrize("kind, body, status, param", [
+    ("completions", {"model": "a", "prompt": "x", "best_of": 3}, 400, None),
+    ("completions", {"model": "a", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("completions", {"model": "a", "prompt": "x", "logit_bias": {"cat": 1}}, 400, "logit_bias"),
+    ("completions", {"model": "a", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
+    ("completions", {"model": "a", "prompt": []}, 400, None),
+    ("completions", {"prompt": "x"}, 400, "model"),
+    ("completions", ["not", "an", "object"], 400, None),
+    ("chat", {"model": "a", "messages": []}, 400, "messages"),
+    ("chat", {"model": "a", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+    ("chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None),
+    ("chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400, "response_format.type"),
+    ("chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "n": 2, "stream_options": {"include_usage": True}}, 400, None),
+    ("chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "functions": [{}]}, 400, "functions"),
+])
+def test_bad_requests_are_400_naming_the_parameter(kind, body, status, param):
+    with pytest.raises(OpenAIError) as e:
+        parse_request(kind, body)
+    assert e.value.status == status and e.value.body()["error"]["type"] == "invalid_request_error"
+    if param is not None:
+        assert e.value.param == param, e.value.body()
+
+
+def test_valid_requests_parse():
+    req = parse_request("chat", {"model": "a", "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                                                            {"role": "user", "content": "hi"}],
+                                 "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 2, "response_format": {"type": "text"},
+                                 "user": "u1", "seed": 3, "stream": True, "stream_options": {"include_usage": True}})
+    assert req.requested_max_tokens() == 5
+    assert req.template_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert parse_request("completions", {"model": "a", "prompt": [[1, 2], [3]]}).prompts() == [[1, 2], [3]]
+    nulls = parse_request("completions", {"model": "a", "prompt": "x", "temperature": None, "n": None, "max_tokens": None, "stream": None})
+    assert (nulls.temperature, nulls.n, nulls.max_tokens, nulls.stream) == (1.0, 1, 16, False)  # null means default
+
+
+def test_chat_without_a_template_is_a_clear_400():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from lorafleet.serve.generation import AdapterEngine
+
+    engine = object.__new__(AdapterEngine)  # only the prompt path: no vLLM engine needed
+    engine.cfg = ServeConfig(model="plain-base")
+    engine.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    with pytest.raises(OpenAIError) as e:
+        engine._encode_prompts(parse_request("chat", {"model": "plain-base", "messages": [{"role": "user", "content": "a"}]}))
+    assert e.value.status == 400 and e.value.code == "no_chat_template" and "/v1/completions" in e.value.message
+
+
+# --------------------------------------------------------------------------- adapter sources
+
+
+def test_local_sources_must_stay_inside_the_allowed_roots(tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    make_adapter(allowed / "good")
+    make_adapter(outside / "secret")
+    (allowed / "escape").symlink_to(outside / "secret")          # a link inside pointing out
+    (allowed / "via-dotdot").mkdir()
+    make_adapter(allowed / "big", r=32)
+    make_adapter(allowed / "with-head", modules_to_save=["lm_head"])
+    (allowed / "empty").mkdir()
+    sources = {"good": allowed / "good", "escape": allowed / "escape", "dotdot": allowed / "via-dotdot" / ".." / ".." / "outside" / "secret",
+               "outside": outside / "secret", "big": allowed / "big", "head": allowed / "with-head", "empty": allowed / "empty",
+               "missing": allowed / "nope"}
+    catalog = AdapterCatalog(cfg_with(tmp_path, [{"name": n, "source": str(p)} for n, p in sources.items()]))
+    good = catalog.resolve("good")
+    assert good.lora_id == 1 and good.content_hash == content_hash(allowed / "good")
+    assert Path(good.path).parent == tmp_path / "cache"  # served from a frozen, content-addressed copy
+    assert good.lora_request().lora_int_id == 1 and good.lora_request().lora_path == good.path
+    for name, message in [("escape", "outside allowed_local_roots"), ("dotdot", "outside allowed_local_roots"),
+                          ("outside", "outside allowed_local_roots"), ("big", r"r=32 is above the server.s engine.max_lora_rank \(16\)"),
+                          ("head", "modules_to_save"), ("empty", "no adapter_config.json"), ("missing", "does not exist")]:
+        with pytest.raises(AdapterError, match=message):
+            catalog.resolve(name)
+    assert [catalog.lora_id(n) for n in catalog.names] == list(range(1, len(sources) + 1))
+
+
+def test_base_stand_in_is_the_first_adapter_with_zero_b(tmp_path):
+    make_adapter(tmp_path / "allowed" / "a")
+    catalog = AdapterCatalog(cfg_with(tmp_path, [{"name": "a", "source": str(tmp_path / "allowed" / "a")}]))
+    stand_in = catalog.base_stand_in()
+    assert stand_in.lora_id == 2 and stand_in.name.startswith("__")
+    original = load_file(str(tmp_path / "allowed" / "a" / "adapter_model.safetensors"))
+    zeroed = load_file(str(Path(stand_in.path) / "adapter_model.safetensors"))
+    assert set(zeroed) == set(original)
+    for key, tensor in zeroed.items():
+        if "lora_B" in key:
+            assert not tensor.any()
+        else:
+            assert torch.equal(tensor, original[key])
+    assert AdapterCatalog(cfg_with(tmp_path, [])).base_stand_in() is None
+
+
+def test_registry_sources_download_once_into_the_content_cache(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri()))
+    make_adapter(tmp_path / "src")
+    client.log_artifacts(run.info.run_id, str(tmp_path / "src"), artifact_path="adapter")
+    client.create_registered_model("reg")
+    client.create_model_version("reg", source=f"runs:/{run.info.run_id}/adapter", run_id=run.info.run_id)
+    client.set_registered_model_alias("reg", "champion", "1")
+    cfg = ServeConfig(model="m", mlflow_tracking_uri=uri, adapter_cache_dir=str(tmp_path / "cache"), engine={"max_lora_rank": 8},
+                      adapters=[{"name": "v1", "source": "models:/reg/1"}, {"name": "champ", "source": "models:/reg@champion"},
+                                {"name": "gone", "source": "models:/reg/7"}])
+    v1, champ = AdapterCatalog(cfg).resolve("v1"), AdapterCatalog(cfg).resolve("champ")
+    assert v1.content_hash == champ.content_hash == content_hash(tmp_path / "src") and v1.path == champ.path
+    # a numbered version is remembered: a new catalogue (a restarted replica) does not download again
+    (tmp_path / "art").rename(tmp_path / "art-moved")
+    assert AdapterCatalog(cfg).resolve("v1").path == v1.path
+    with pytest.raises(AdapterError, match="could not download models:/reg/7"):
+        AdapterCatalog(cfg).resolve("gone")
+
+
+def test_cli_refuses_a_bad_config(tmp_path, capsys):
+    from lorafleet.serve.cli import serve_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nengine: {max_loras: 0}\nprot: 1\n")
+    assert serve_main(str(bad), ["port=70000"]) == 2
+    err = capsys.readouterr().err
+    assert "prot: unknown key" in err and "engine.max_loras" in err and "port" in err
