@@ -14,6 +14,10 @@ import pytest
 
 from testutils import banking_rows
 
+# Whichever fixture starts the session's Ray, its Train controllers get a start timeout that
+# survives a loaded 2-core machine (Ray's default is 60 s).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+
 @pytest.fixture(scope="session")
 def work_home(tmp_path_factory) -> Path:
     """LORAFLEET_HOME for the whole session: embedded MLflow store, Ray storage, outputs."""
