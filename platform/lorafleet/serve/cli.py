@@ -77,6 +77,9 @@ def serve_main(config_path: str, overrides: Iterable[str] = ()) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+            # A second Ctrl-C (or a wrapper forwarding the signal again) must not abort the
+            # clean-up half way and leave Serve replicas or a local Ray behind.
+            previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("stopping lorafleet serve ...", file=sys.stderr, flush=True)
         try:
             if started_ray:
@@ -87,3 +90,5 @@ def serve_main(config_path: str, overrides: Iterable[str] = ()) -> int:
             log.warning("stopping Serve: %s", exc)
         if started_ray:
             ray.shutdown()
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_int)
