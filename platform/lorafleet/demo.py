@@ -3,7 +3,7 @@
 Local Ray, local MLflow store (SQLite under ./lorafleet-work), a tiny base model built on
 the spot from sample text the project generates itself, then a real Ray Train LoRA
 fine-tune (FSDP2 on 2 CPU workers), tracked and registered in MLflow, evaluated against
-the base alone. No network, no ../shared data.
+the base alone. No network and no data from outside the project.
 
     .venv/bin/python -m lorafleet.demo [--work DIR]
 """

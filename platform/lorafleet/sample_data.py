@@ -1,4 +1,4 @@
-"""Small sample datasets the project generates itself (no download, no ../shared).
+"""Small sample datasets the project generates itself (no download, nothing from outside the project).
 
 Used by ``make demo`` and quick tests: customer-support queries labelled with an intent,
 and sentences labelled claim / not_claim. Generation is deterministic for a seed.
