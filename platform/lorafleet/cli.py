@@ -22,8 +22,11 @@ def _base_build(args) -> int:
     from lorafleet.base.build import BaseBuildConfig, build_base
     from lorafleet.config.base import load_config
 
-    cfg = load_config(BaseBuildConfig, args.config, [f"out={args.out}", *args.set], base=None) if args.config else None
-    if cfg is None:
+    # Command-line --out/--corpus win over a config file's; --set overrides come last.
+    cli = [f"out={json.dumps(args.out)}"] + ([f"corpus={json.dumps(args.corpus)}"] if args.corpus else [])
+    if args.config:
+        cfg = load_config(BaseBuildConfig, args.config, [*cli, *args.set])
+    else:
         from lorafleet.config.base import apply_overrides, validate_config
 
         data, errors = apply_overrides({"out": args.out, "corpus": args.corpus}, args.set)

@@ -99,7 +99,6 @@ def read_corpus(files: list[str]) -> list[str]:
 def train_tokenizer(lines: list[str], vocab_size: int):
     """Byte-level BPE (GPT-2 style: any byte sequence is encodable) wrapped as a Transformers fast tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
-    from tokenizers.processors import TemplateProcessing  # noqa: F401  (kept explicit: no automatic bos/eos)
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
