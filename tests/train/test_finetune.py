@@ -75,7 +75,7 @@ def test_loss_goes_down_and_adapter_changes_the_output(trained, tiny_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg, res = trained
-    history = json.loads(Path(cfg.output_dir, "result.json").read_text())["metrics"]
+    final_metrics = json.loads(Path(cfg.output_dir, "result.json").read_text())["metrics"]
     state = [h for h in _history(res) if "train_loss" in h]
     assert state[-1]["train_loss"] < state[0]["train_loss"] * 0.8, state
     tok = AutoTokenizer.from_pretrained(tiny_base)
@@ -86,7 +86,7 @@ def test_loss_goes_down_and_adapter_changes_the_output(trained, tiny_base):
         peft = PeftModel.from_pretrained(base, res["adapter_path"])
         after = peft(ids).logits
     assert not torch.allclose(before, after, atol=1e-4)
-    assert history["eval_loss"] < 10
+    assert final_metrics["eval_loss"] < 10
 
 
 def _history(res) -> list[dict]:

@@ -60,9 +60,14 @@ def save_training_checkpoint(path: str | Path, model, optimizer, scheduler, stat
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
+    write_train_state(path, state, scheduler)
+
+
+def write_train_state(path: str | Path, state: TrainState, scheduler) -> None:
+    """Rank 0 writes ``trainer_state.json`` (step, data position, scheduler...) into ``path``."""
     if _rank() == 0:
         state.scheduler = scheduler.state_dict() if scheduler is not None else {}
-        (path / STATE_FILE).write_text(json.dumps(asdict(state)))
+        (Path(path) / STATE_FILE).write_text(json.dumps(asdict(state)))
 
 
 def load_training_checkpoint(path: str | Path, model, optimizer, scheduler, trainable_only: bool) -> TrainState:

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from lorafleet.config.train import FinetuneConfig
-from lorafleet.train.checkpoint import ADAPTER_DIR, TrainState, export_model, load_training_checkpoint, save_training_checkpoint
+from lorafleet.train.checkpoint import (ADAPTER_DIR, TrainState, export_model, load_training_checkpoint,
+                                        save_training_checkpoint, write_train_state)
 from lorafleet.train.model import count_parameters, load_base_model, load_tokenizer, wrap_peft
 from lorafleet.train.parallel import apply_ddp, apply_deepspeed, apply_fsdp2, unwrap
 
@@ -188,11 +189,7 @@ def _report(metrics, cfg, rank, engine, model, optimizer, scheduler, state, toke
     with tempfile.TemporaryDirectory(prefix="lorafleet-ckpt-") as tmp:
         if engine:
             engine.save_checkpoint(str(Path(tmp) / "deepspeed"))
-            if rank == 0:
-                import json
-                from dataclasses import asdict
-
-                (Path(tmp) / "trainer_state.json").write_text(json.dumps(asdict(state)))
+            write_train_state(tmp, state, scheduler)
         else:
             save_training_checkpoint(tmp, model, optimizer, scheduler, state, trainable_only)
         if final:
