@@ -1,10 +1,12 @@
-"""The ``lorafleet`` command: base, eval, export, adapters, tasks.
+"""The ``lorafleet`` command: base, eval, export, adapters, serve, tenants, tasks.
 
     lorafleet base build --out work/base --corpus queries.txt
     lorafleet eval --base work/base --adapter out/adapter --task banking77 --data test.csv --limit 200
     lorafleet export --base work/base --adapter out/adapter --merge --out merged/
     lorafleet adapters list
     lorafleet serve --config serve/tiny-cpu.yaml
+    lorafleet tenants create acme --config serve/tiny-cpu.yaml
+    lorafleet adapters register intent-v1 --source models:/demo-intent/1 --server http://127.0.0.1:8000
     lorafleet tasks
 """
 
@@ -16,6 +18,7 @@ import logging
 import sys
 
 from lorafleet.config.base import ConfigError
+from lorafleet.serve.manage_cli import add_adapter_api_commands, add_tenant_commands
 
 
 def _base_build(args) -> int:
@@ -120,12 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--merge", action="store_true")
     x.set_defaults(func=_export)
 
-    a = sub.add_parser("adapters", help="registered adapters (MLflow model registry)").add_subparsers(dest="adapters_command", required=True)
-    al = a.add_parser("list")
+    a = sub.add_parser("adapters", help="adapters: the MLflow registry (list) and a running server (register, replace, pin, delete, status)"
+                       ).add_subparsers(dest="adapters_command", required=True)
+    al = a.add_parser("list", help="adapters registered in the MLflow model registry")
     al.add_argument("--tracking-uri")
     al.add_argument("--name")
     al.add_argument("--json", action="store_true")
     al.set_defaults(func=_adapters_list)
+    add_adapter_api_commands(a)
+    add_tenant_commands(sub)
 
     sv = sub.add_parser("serve", help="run the multi-LoRA server on a local Ray (blocks; Ctrl-C stops it)")
     sv.add_argument("--config", required=True, help="Serve YAML (serve/*.yaml) or a bare ServeConfig file")

@@ -11,11 +11,16 @@ the adapter that answered is obvious from the text.
 from __future__ import annotations
 
 import shutil
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from serve_helpers import PROMPT_SUFFIX, TARGETS, ServeAssets, offline_greedy, train_adapter, train_base
+from serve_helpers import (
+    ADMIN_KEY, APP, BASE, LOCAL_ADAPTERS, MAX_MODEL_LEN, PREFIX, PROMPT_SUFFIX, TARGETS, TOKEN_CAP, ServeAssets, Served, free_port,
+    offline_greedy, train_adapter, train_base,
+)
 from testutils import banking_rows
 
 
@@ -85,3 +90,65 @@ def copy_adapter(serve_assets):
         shutil.copytree(serve_assets.adapters[name], dst)
         return dst
     return copy
+
+
+@pytest.fixture(scope="session")
+def served(serve_assets, mlflow_adapter, tmp_path_factory):
+    """One Ray Serve app for the session: two vLLM engine replicas on the tiny base, the config's
+    adapters (three local, one from MLflow under two URIs), anonymous calls allowed, an admin key,
+    and a SQLite tenant registry in a temporary state dir."""
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from lorafleet.serve.app import app_from_config
+    from lorafleet.serve.config import ServeConfig
+
+    tracking_uri, version_uri, alias_uri = mlflow_adapter
+    started_ray = not ray.is_initialized()
+    if started_ray:  # another module may have started Ray already: reuse it, never shut it down
+        ray.init(num_cpus=8, _node_ip_address="127.0.0.1", log_to_driver=False)
+    client = _get_global_client(raise_if_no_controller_running=False)
+    started_serve = client is None
+    if started_serve:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    else:
+        port = client.http_config.port
+    uploads, outside = tmp_path_factory.mktemp("uploads"), tmp_path_factory.mktemp("outside")
+    adapters = [{"name": n, "source": str(serve_assets.adapters[n])} for n in LOCAL_ADAPTERS]
+    adapters += [{"name": "delta", "source": version_uri}, {"name": "delta-champion", "source": alias_uri}]
+    cfg = ServeConfig(
+        model=str(serve_assets.base), served_model_name=BASE, adapters=adapters,
+        allowed_local_roots=[str(serve_assets.root / "adapters"), str(uploads)], mlflow_tracking_uri=tracking_uri,
+        adapter_cache_dir=str(tmp_path_factory.mktemp("adapter-cache")),
+        engine={"max_model_len": MAX_MODEL_LEN, "max_loras": 2, "max_cpu_loras": 4, "max_lora_rank": 8, "max_num_seqs": 4,
+                "kv_cache_memory_bytes": 64 * 2**20},
+        # Two engines on a 2-core machine: one OpenMP thread each, unpinned, instead of both
+        # binding every core and spinning against each other.
+        deployment={"num_replicas": 2, "max_ongoing_requests": 4, "health_check_period_s": 5,
+                    "env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}},
+        limits={"max_tokens": TOKEN_CAP, "max_body_bytes": 65536, "max_queued_requests": 8},
+        tenancy={"state_dir": str(tmp_path_factory.mktemp("serve-state")), "admin_key": ADMIN_KEY, "allow_anonymous": True,
+                 "poll_interval_s": 0.5, "max_adapter_bytes": 20 * 2**20},
+    )
+
+    def deploy() -> float:
+        started = time.monotonic()
+        serve.run(app_from_config(cfg), name=APP, route_prefix=PREFIX)
+        return time.monotonic() - started
+
+    def restart() -> float:
+        serve.delete(APP)
+        return deploy()
+
+    try:
+        startup_s = deploy()
+        print(f"\nlorafleet app with 2 vLLM replicas up in {startup_s:.1f}s on port {port}")
+        yield Served(f"http://127.0.0.1:{port}{PREFIX}", cfg, startup_s, defaultdict(set), uploads, outside, restart)
+    finally:
+        serve.delete(APP)
+        if started_serve:
+            serve.shutdown()
+        if started_ray:
+            ray.shutdown()

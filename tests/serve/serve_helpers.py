@@ -17,6 +17,32 @@ TARGETS = {
 }
 LOCAL_ADAPTERS = ("alpha", "beta", "gamma")
 MAX_NEW_TOKENS = 12
+# the session's shared app (conftest.served)
+APP = "lorafleet-test"
+PREFIX = "/lf"
+BASE = "tiny-base"
+MAX_MODEL_LEN = 256
+TOKEN_CAP = 128
+ADMIN_KEY = "test-admin-key-0123456789"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    url: str
+    cfg: object
+    startup_s: float
+    replicas_seen: dict  # model -> set of engine replica ids that answered it
+    uploads: Path  # an allowed local root tests may write adapters into
+    outside: Path  # a folder outside every allowed root
+    restart: object = None  # callable: delete and redeploy the app with the same config (same registry)
 
 
 @dataclass
@@ -30,6 +56,20 @@ class ServeAssets:
     expected_ids: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     expected_text: dict[str, dict[str, str]] = field(default_factory=dict)
     chat_prompt: str = ""
+
+
+def build_untrained_base(out: Path, hidden_size: int = 128, intermediate_size: int = 256) -> Path:
+    """A 2-layer Llama with random weights and a small BPE tokenizer (for checks that need shapes, not outputs)."""
+    from lorafleet.base.build import ArchitectureConfig, init_model, train_tokenizer
+
+    colours, animals = ["red", "green", "blue", "grey", "black"], ["cat", "dog", "owl", "fox", "eel", "yak"]
+    lines = [f"the {c} {a} saw {n} {b}s near the river" for c in colours for a in animals for b in animals for n in range(2)]
+    tok = train_tokenizer(lines, 300)
+    arch = ArchitectureConfig(vocab_size=300, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    init_model(tok, arch).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 def train_base(out: Path, lines: list[str], steps: int):

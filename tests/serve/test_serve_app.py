@@ -1,95 +1,26 @@
 """The real thing: a Ray Serve app with two vLLM engine replicas on the tiny base, four adapters
 (three local folders, one from an MLflow registry under two URIs), spoken to over real HTTP
-and with the official ``openai`` client.
+and with the official ``openai`` client. These tests call without an API key (the shared
+app allows anonymous calls to the base and the config's adapters); tenants are in test_tenants.py.
 
-One app is shared by the whole module (starting vLLM costs tens of seconds per replica).
-Tests run in file order; the last one kills an engine replica.
+One app is shared by the session (``served`` in conftest.py: starting vLLM costs tens of
+seconds per replica). Tests run in file order; the last one kills an engine replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import warnings
-from collections import defaultdict
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from serve_helpers import LOCAL_ADAPTERS, MAX_NEW_TOKENS, near_tie
+from serve_helpers import APP, BASE, LOCAL_ADAPTERS, MAX_MODEL_LEN, MAX_NEW_TOKENS, TOKEN_CAP, near_tie
 
 pytestmark = pytest.mark.slow
 
-APP = "lorafleet-test"
-PREFIX = "/lf"
-BASE = "tiny-base"
-MAX_MODEL_LEN = 256
-TOKEN_CAP = 128
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Served:
-    url: str
-    cfg: object
-    startup_s: float
-    replicas_seen: dict  # model -> set of engine replica ids that answered it
-
-
-@pytest.fixture(scope="module")
-def served(serve_assets, mlflow_adapter, tmp_path_factory):
-    import ray
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    from lorafleet.serve.app import app_from_config
-    from lorafleet.serve.config import ServeConfig
-
-    tracking_uri, version_uri, alias_uri = mlflow_adapter
-    started_ray = not ray.is_initialized()
-    if started_ray:  # another module may have started Ray already: reuse it, never shut it down
-        ray.init(num_cpus=8, _node_ip_address="127.0.0.1", log_to_driver=False)
-    client = _get_global_client(raise_if_no_controller_running=False)
-    started_serve = client is None
-    if started_serve:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-    else:
-        port = client.http_config.port
-    adapters = [{"name": n, "source": str(serve_assets.adapters[n])} for n in LOCAL_ADAPTERS]
-    adapters += [{"name": "delta", "source": version_uri}, {"name": "delta-champion", "source": alias_uri}]
-    cfg = ServeConfig(
-        model=str(serve_assets.base), served_model_name=BASE, adapters=adapters,
-        allowed_local_roots=[str(serve_assets.root / "adapters")], mlflow_tracking_uri=tracking_uri,
-        adapter_cache_dir=str(tmp_path_factory.mktemp("adapter-cache")),
-        engine={"max_model_len": MAX_MODEL_LEN, "max_loras": 2, "max_cpu_loras": 4, "max_lora_rank": 8, "max_num_seqs": 4,
-                "kv_cache_memory_bytes": 64 * 2**20},
-        # Two engines on a 2-core machine: one OpenMP thread each, unpinned, instead of both
-        # binding every core and spinning against each other.
-        deployment={"num_replicas": 2, "max_ongoing_requests": 4, "health_check_period_s": 5,
-                    "env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}},
-        limits={"max_tokens": TOKEN_CAP, "max_body_bytes": 65536, "max_queued_requests": 8},
-    )
-    try:
-        started = time.monotonic()
-        serve.run(app_from_config(cfg), name=APP, route_prefix=PREFIX)
-        startup_s = time.monotonic() - started
-        print(f"\nlorafleet app with 2 vLLM replicas up in {startup_s:.1f}s on port {port}")
-        yield Served(f"http://127.0.0.1:{port}{PREFIX}", cfg, startup_s, defaultdict(set))
-    finally:
-        serve.delete(APP)
-        if started_serve:
-            serve.shutdown()
-        if started_ray:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

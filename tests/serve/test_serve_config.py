@@ -16,15 +16,22 @@ from lorafleet.config.base import ConfigError
 from lorafleet.serve.adapters import AdapterCatalog, AdapterError, content_hash
 from lorafleet.serve.config import APP_IMPORT_PATH, ServeConfig, load_serve_config
 from lorafleet.serve.protocol import OpenAIError, parse_request
+from serve_helpers import build_untrained_base
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_YAMLS = sorted((REPO / "serve").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """An untrained 2-layer Llama (hidden 128): what adapters are validated against."""
+    return build_untrained_base(tmp_path_factory.mktemp("untrained") / "tiny-base")
+
+
 def make_adapter(folder: Path, r: int = 8, seed: int = 0, **extra) -> Path:
-    """A small PEFT-layout LoRA folder (real safetensors, random A and B)."""
+    """A small PEFT-layout LoRA folder for the ``base`` fixture (real safetensors, random A and B)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 16,
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 16, "base_model_name_or_path": "tiny-base",
                                                             "target_modules": ["q_proj"], **extra}))
     g = torch.Generator().manual_seed(seed)
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(r, 128, generator=g),
@@ -33,8 +40,8 @@ def make_adapter(folder: Path, r: int = 8, seed: int = 0, **extra) -> Path:
     return folder
 
 
-def cfg_with(tmp_path: Path, adapters: list[dict], **kw) -> ServeConfig:
-    return ServeConfig(model="m", adapters=adapters, allowed_local_roots=[str(tmp_path / "allowed")],
+def cfg_with(tmp_path: Path, base: Path, adapters: list[dict], **kw) -> ServeConfig:
+    return ServeConfig(model=str(base), adapters=adapters, allowed_local_roots=[str(tmp_path / "allowed")],
                        adapter_cache_dir=str(tmp_path / "cache"), engine={"max_lora_rank": 16}, **kw)
 
 
@@ -121,7 +128,6 @@ def test_engine_arguments_differ_only_by_device():
         a = setup.args
         assert a.enable_lora and (a.max_loras, a.max_cpu_loras, a.max_lora_rank, a.max_model_len) == (2, 6, 32, 300)
         assert a.served_model_name == "m"
-    assert engine_setup(cfg.model_copy(update={"adapters": []}), device="cpu").base_through_zero_adapter is False
 
 
 # --------------------------------------------------------------------------- requests
@@ -179,7 +185,7 @@ def test_chat_without_a_template_is_a_clear_400():
 # --------------------------------------------------------------------------- adapter sources
 
 
-def test_local_sources_must_stay_inside_the_allowed_roots(tmp_path):
+def test_local_sources_must_stay_inside_the_allowed_roots(tmp_path, base):
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
     make_adapter(allowed / "good")
     make_adapter(outside / "secret")
@@ -191,36 +197,36 @@ def test_local_sources_must_stay_inside_the_allowed_roots(tmp_path):
     sources = {"good": allowed / "good", "escape": allowed / "escape", "dotdot": allowed / "via-dotdot" / ".." / ".." / "outside" / "secret",
                "outside": outside / "secret", "big": allowed / "big", "head": allowed / "with-head", "empty": allowed / "empty",
                "missing": allowed / "nope"}
-    catalog = AdapterCatalog(cfg_with(tmp_path, [{"name": n, "source": str(p)} for n, p in sources.items()]))
+    catalog = AdapterCatalog(cfg_with(tmp_path, base, [{"name": n, "source": str(p)} for n, p in sources.items()]))
     good = catalog.resolve("good")
     assert good.lora_id == 1 and good.content_hash == content_hash(allowed / "good")
     assert Path(good.path).parent == tmp_path / "cache"  # served from a frozen, content-addressed copy
     assert good.lora_request().lora_int_id == 1 and good.lora_request().lora_path == good.path
-    for name, message in [("escape", "outside allowed_local_roots"), ("dotdot", "outside allowed_local_roots"),
-                          ("outside", "outside allowed_local_roots"), ("big", r"r=32 is above the server.s engine.max_lora_rank \(16\)"),
-                          ("head", "modules_to_save"), ("empty", "no adapter_config.json"), ("missing", "does not exist")]:
-        with pytest.raises(AdapterError, match=message):
+    for name, status, message in [("escape", 403, "outside the server's allowed local roots"), ("dotdot", 403, "outside the server's allowed"),
+                                  ("outside", 403, "outside the server's allowed"), ("big", 422, r"'big' .*rank \(r=32\) is above this server's limit of 16"),
+                                  ("head", 422, "modules_to_save"), ("empty", 422, "has no adapter_model.safetensors"), ("missing", 404, "does not exist")]:
+        with pytest.raises(AdapterError, match=message) as caught:
             catalog.resolve(name)
+        assert caught.value.status == status, (name, caught.value)
     assert [catalog.lora_id(n) for n in catalog.names] == list(range(1, len(sources) + 1))
 
 
-def test_base_stand_in_is_the_first_adapter_with_zero_b(tmp_path):
+def test_base_stand_in_is_a_zero_adapter_over_the_bases_query_projections(tmp_path, base):
+    from lorafleet.serve.validation import inspect_adapter
+
     make_adapter(tmp_path / "allowed" / "a")
-    catalog = AdapterCatalog(cfg_with(tmp_path, [{"name": "a", "source": str(tmp_path / "allowed" / "a")}]))
-    stand_in = catalog.base_stand_in()
+    catalog = AdapterCatalog(cfg_with(tmp_path, base, [{"name": "a", "source": str(tmp_path / "allowed" / "a")}]))
+    stand_in = catalog.store.base_stand_in(catalog.stand_in_id)
     assert stand_in.lora_id == 2 and stand_in.name.startswith("__")
-    original = load_file(str(tmp_path / "allowed" / "a" / "adapter_model.safetensors"))
-    zeroed = load_file(str(Path(stand_in.path) / "adapter_model.safetensors"))
-    assert set(zeroed) == set(original)
-    for key, tensor in zeroed.items():
-        if "lora_B" in key:
-            assert not tensor.any()
-        else:
-            assert torch.equal(tensor, original[key])
-    assert AdapterCatalog(cfg_with(tmp_path, [])).base_stand_in() is None
+    tensors = load_file(str(Path(stand_in.path) / "adapter_model.safetensors"))
+    assert sorted(tensors) == sorted(f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight" for i in (0, 1) for ab in "AB")
+    assert all(not t.any() for t in tensors.values())  # B = 0: the update B @ A is zero
+    # it passes the same checks as any adapter, and is built once
+    assert inspect_adapter(Path(stand_in.path), catalog.store.base_spec(), max_lora_rank=16, max_bytes=10**7).rank == 8
+    assert catalog.store.base_stand_in(catalog.stand_in_id).path == stand_in.path
 
 
-def test_registry_sources_download_once_into_the_content_cache(tmp_path):
+def test_registry_sources_download_once_into_the_content_cache(tmp_path, base):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -231,7 +237,7 @@ def test_registry_sources_download_once_into_the_content_cache(tmp_path):
     client.create_registered_model("reg")
     client.create_model_version("reg", source=f"runs:/{run.info.run_id}/adapter", run_id=run.info.run_id)
     client.set_registered_model_alias("reg", "champion", "1")
-    cfg = ServeConfig(model="m", mlflow_tracking_uri=uri, adapter_cache_dir=str(tmp_path / "cache"), engine={"max_lora_rank": 8},
+    cfg = ServeConfig(model=str(base), mlflow_tracking_uri=uri, adapter_cache_dir=str(tmp_path / "cache"), engine={"max_lora_rank": 8},
                       adapters=[{"name": "v1", "source": "models:/reg/1"}, {"name": "champ", "source": "models:/reg@champion"},
                                 {"name": "gone", "source": "models:/reg/7"}])
     v1, champ = AdapterCatalog(cfg).resolve("v1"), AdapterCatalog(cfg).resolve("champ")

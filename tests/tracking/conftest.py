@@ -12,15 +12,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pytest
 
-DEFAULT_PG_URL = "postgresql://root@127.0.0.1:5432/test"
 
 
 def free_port() -> int:
@@ -151,46 +148,6 @@ def mlflow_server(tmp_path):
     yield start
     for server in servers:
         server.kill()  # throwaway state: no need to wait for a graceful shutdown
-
-
-def _with_database(url: str, database: str, user: Optional[str] = None) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if user is not None:
-        netloc = f"{user}@{netloc.rsplit('@', 1)[-1]}"
-    return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, parts.fragment))
-
-
-@pytest.fixture
-def postgres_db():
-    """URL of a fresh PostgreSQL database (dropped afterwards); skips when no server answers.
-
-    Tries ``$LORAFLEET_TEST_PG_URL`` (default postgresql://root@127.0.0.1:5432/test), then the same as user postgres.
-    """
-    psycopg2 = pytest.importorskip("psycopg2")
-    base = os.environ.get("LORAFLEET_TEST_PG_URL", DEFAULT_PG_URL)
-    candidates = [base, _with_database(base, urlsplit(base).path.lstrip("/") or "postgres", user="postgres")]
-    admin, admin_url, failures = None, None, []
-    for url in candidates:
-        try:
-            admin = psycopg2.connect(url, connect_timeout=3)
-            admin_url = url
-            break
-        except psycopg2.OperationalError as exc:
-            failures.append(f"{url}: {str(exc).strip()}")
-    if admin is None:
-        pytest.skip("no PostgreSQL server answered (set LORAFLEET_TEST_PG_URL): " + " | ".join(failures))
-    admin.autocommit = True
-    name = f"lorafleet_mlflow_test_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2.
-        yield _with_database(admin_url, name).replace("postgresql://", "postgresql+psycopg2://", 1)
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def _make_adapter(folder: Path, seed: int) -> Path:

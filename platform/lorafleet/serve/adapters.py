@@ -1,18 +1,19 @@
 """Adapter identity and sources: what a name in a request's ``model`` field resolves to.
 
-One type, :class:`Adapter`, names an adapter from the config to the ``LoRARequest`` the
-engine sees: its name, its source (``models:/name/version``, ``models:/name@alias`` or a
-local folder), the local folder the engine reads, the content hash of that folder, and
-the integer id vLLM needs. Ids are derived in one place, :class:`AdapterCatalog`, from one
-counter over the configured adapters (in config order), so every replica built from the
-same config gives an adapter the same id.
+One type, :class:`Adapter`, names an adapter all the way to the ``LoRARequest`` the engine
+sees: its name, its source (``models:/name/version``, ``models:/name@alias`` or a local
+folder), the local folder the engine reads, the content hash of that folder, and the
+integer id vLLM needs. The adapters of the config file get ids 1..N in config order
+(:class:`AdapterCatalog`, the same on every replica); runtime adapters registered through
+the API get theirs from the registry (one per version, see ``lorafleet.serve.registry``).
 
-Resolving a source produces a frozen copy of the adapter in a content-addressed cache
-(``<cache>/<sha256 of the files>/``): a registry version is downloaded with
+:class:`AdapterStore` turns a source into a validated, frozen copy in a content-addressed
+cache (``<cache>/<sha256 of the files>/``): a registry version is downloaded with
 ``lorafleet.tracking.download_adapter``; a local folder must lie inside one of the
-configured roots after symlinks are resolved, and is copied. Serving a copy means the
-files behind a name cannot change under a running engine (vLLM reloads an evicted adapter
-from its path later).
+configured roots after symlinks are resolved, and is copied. Both are checked by
+``lorafleet.serve.validation.inspect_adapter`` before and after copying, so what the engine
+loads is exactly what was checked, and the files behind a version cannot change under a
+running engine (vLLM reloads an evicted adapter from its path later).
 
 Example::
 
@@ -41,14 +42,20 @@ from lorafleet.serve.config import AdapterSource, ServeConfig
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # The adapter that stands for "no adapter" where the engine needs one (see engine.py).
 BASE_STAND_IN_NAME = "__lorafleet_base__"
 _NUMERIC_VERSION = re.compile(r"^models:/[^/@]+/\d+/?$")
+_MODELS_URI = re.compile(r"^models:/[^/@]+(/[^/]+|@[^/]+)/?$")
 
 
 class AdapterError(ValueError):
-    """An adapter source cannot be served (missing, outside the allowed roots, incompatible)."""
+    """An adapter source cannot be served (missing, outside the allowed roots, incompatible).
+
+    ``status``/``code``: the HTTP status and error code a refusal maps to (see validation.py).
+    """
+
+    status = 422
+    code = "invalid_adapter"
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class Adapter:
     lora_id: int
     path: Optional[str] = None
     content_hash: Optional[str] = None
+    pinned: bool = False
 
     def lora_request(self):
         """The ``vllm.lora.request.LoRARequest`` for this adapter (vLLM loads it on first use, LRU after)."""
@@ -67,10 +75,15 @@ class Adapter:
 
         if self.path is None:
             raise AdapterError(f"adapter {self.name!r} is not resolved yet")
-        return LoRARequest(lora_name=self.name, lora_int_id=self.lora_id, lora_path=self.path)
+        # NOTE(lorafleet): vLLM compares and hashes LoRARequests by lora_name alone
+        # (vllm/lora/request.py), and the worker builds the batch's adapter set with set():
+        # two versions of one adapter under the same name in one batch collapse into one, the
+        # other is never activated, and the engine dies with a KeyError in convert_mapping.
+        # The name vLLM sees is therefore unique per version (its lora_int_id).
+        return LoRARequest(lora_name=f"{self.name}#{self.lora_id}", lora_int_id=self.lora_id, lora_path=self.path)
 
 
-# --------------------------------------------------------------------------- folder checks
+# --------------------------------------------------------------------------- folders
 
 
 def content_hash(folder: Path) -> str:
@@ -83,32 +96,6 @@ def content_hash(folder: Path) -> str:
                 h.update(block)
         h.update(b"\0")
     return h.hexdigest()
-
-
-def check_adapter_folder(folder: Path, name: str, max_lora_rank: int) -> dict:
-    """Refuse folders vLLM would load wrongly or not at all; return the adapter config."""
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterError(f"adapter {name!r}: {folder} has no adapter_config.json (expected a PEFT LoRA folder)")
-    if not any((folder / w).is_file() for w in WEIGHT_FILES):
-        raise AdapterError(f"adapter {name!r}: {folder} has no {' or '.join(WEIGHT_FILES)}")
-    try:
-        cfg = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"adapter {name!r}: {config_file} is not valid JSON: {exc}") from None
-    problems = []
-    if cfg.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be served")
-    ranks = [int(cfg.get("r", 0))] + [int(r) for r in (cfg.get("rank_pattern") or {}).values()]
-    if max(ranks) > max_lora_rank:
-        problems.append(f"rank r={max(ranks)} is above the server's engine.max_lora_rank ({max_lora_rank}); raise max_lora_rank")
-    if cfg.get("modules_to_save"):
-        problems.append(f"modules_to_save {cfg['modules_to_save']} is set; vLLM serves LoRA weights only, so the served model would differ from the trained one")
-    if cfg.get("use_dora"):
-        problems.append("use_dora is true; vLLM does not serve DoRA adapters")
-    if problems:
-        raise AdapterError(f"adapter {name!r} ({folder}): " + "; ".join(problems))
-    return cfg
 
 
 def inside_roots(path: Path, roots: list[str]) -> bool:
@@ -124,158 +111,170 @@ def inside_roots(path: Path, roots: list[str]) -> bool:
     return False
 
 
-def _store(src: Path, cache_dir: Path) -> tuple[Path, str]:
-    """Copy ``src`` into ``cache_dir/<hash>`` (atomic rename; concurrent writers agree)."""
-    digest = content_hash(src)
-    target = cache_dir / digest
-    if target.is_dir():
-        return target, digest
-    tmp = Path(tempfile.mkdtemp(prefix=".copy-", dir=cache_dir))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another replica stored the same content first
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target, digest
+def check_source(source: str) -> str:
+    """Refuse source strings that are neither a registry URI nor an absolute local path."""
+    from lorafleet.serve.validation import AdapterRefused
+
+    if source.startswith("models:"):
+        if not _MODELS_URI.match(source):
+            raise AdapterRefused(f"source {source!r}: an MLflow source must look like models:/<name>/<version> or models:/<name>@<alias>", 400, "invalid_source")
+        return source
+    if "://" in source:
+        raise AdapterRefused(f"source {source!r}: only MLflow registry URIs (models:/...) and local folders are accepted", 400, "invalid_source")
+    if not Path(source).is_absolute():
+        raise AdapterRefused(f"source {source!r}: a local source must be an absolute path inside one of the server's allowed roots", 400, "invalid_source")
+    return source
 
 
-# --------------------------------------------------------------------------- catalogue
+# --------------------------------------------------------------------------- the store
 
 
-class AdapterCatalog:
-    """The adapters one server offers, their ids, and their resolution into local folders.
-
-    Resolution of one name is serialised by a per-name lock and done once; different names
-    resolve concurrently.
-    """
+class AdapterStore:
+    """Validated copies of adapter sources in the content-addressed cache of one server."""
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        self.sources: dict[str, AdapterSource] = {a.name: a for a in cfg.adapters}
-        # The one counter: ids 1..N in config order; the base stand-in takes N+1.
-        self._ids = {name: i + 1 for i, name in enumerate(self.sources)}
-        self._resolved: dict[str, Adapter] = {}
-        self._locks: dict[str, threading.Lock] = {name: threading.Lock() for name in self.sources}
-        self._base_stand_in: Optional[Adapter] = None
         self.cache_dir = Path(cfg.adapter_cache_dir) if cfg.adapter_cache_dir else default_work_dir() / "serve" / "adapters"
+        self._base = None
+        self._base_lock = threading.Lock()
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.sources)
+    def base_spec(self):
+        """The served base as validation sees it (built once, from its config on the meta device)."""
+        from lorafleet.serve.validation import BaseModelSpec
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.sources
-
-    def lora_id(self, name: str) -> int:
-        return self._ids[name]
+        with self._base_lock:
+            if self._base is None:
+                self._base = BaseModelSpec.from_model(self.cfg.model, self.cfg.base_model_name, self.cfg.tenancy.base_aliases)
+            return self._base
 
     def tracking_uri(self) -> str:
         from lorafleet.tracking import resolve_tracking_uri
 
         return resolve_tracking_uri(TrackingConfig(mlflow_tracking_uri=self.cfg.mlflow_tracking_uri))
 
-    def resolve(self, name: str) -> Adapter:
-        """The resolved adapter ``name`` (download/copy + checks on first call). Blocking."""
-        if name not in self.sources:
-            raise KeyError(name)
-        with self._locks[name]:
-            if name not in self._resolved:
-                self._resolved[name] = self._resolve(self.sources[name])
-            return self._resolved[name]
+    def inspect(self, folder: Path, roots: list[str]):
+        from lorafleet.serve.validation import inspect_adapter
 
-    async def resolve_async(self, name: str) -> Adapter:
-        if name in self._resolved:
-            return self._resolved[name]
-        return await asyncio.to_thread(self.resolve, name)
+        return inspect_adapter(folder, self.base_spec(), max_lora_rank=self.cfg.engine.max_lora_rank,
+                               max_bytes=self.cfg.tenancy.max_adapter_bytes, allowed_roots=roots)
 
-    def _resolve(self, src: AdapterSource) -> Adapter:
+    def fetch(self, name: str, source: str):
+        """Validate ``source`` and store a copy: ``(folder, sha256, AdapterInfo)``. Blocking; raises AdapterError (4xx)."""
+        from lorafleet.serve.validation import AdapterRefused
+
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        if src.is_registry:
-            folder, digest = self._from_registry(src)
-        else:
-            folder, digest = self._from_local(src)
-        check_adapter_folder(folder, src.name, self.cfg.engine.max_lora_rank)
-        log.info("adapter %s from %s -> %s (sha256 %s)", src.name, src.source, folder, digest[:12])
-        return Adapter(src.name, src.source, self._ids[src.name], str(folder), digest)
+        try:
+            if source.startswith("models:"):
+                return self._from_registry(name, source)
+            return self._from_local(name, source)
+        except AdapterRefused as exc:
+            if str(exc).startswith(f"adapter {name!r}"):
+                raise
+            raise AdapterRefused(f"adapter {name!r} ({source}): {exc}", exc.status, exc.code) from None
 
-    def _from_local(self, src: AdapterSource) -> tuple[Path, str]:
-        path = Path(src.source).expanduser()
+    def _from_local(self, name: str, source: str):
+        from lorafleet.serve.validation import AdapterRefused
+
+        path = Path(source).expanduser()
         if not path.exists():
-            raise AdapterError(f"adapter {src.name!r}: local source {src.source} does not exist")
+            raise AdapterRefused(f"adapter {name!r}: local source {source} does not exist", 404, "adapter_not_found")
         if not inside_roots(path, self.cfg.allowed_local_roots):
-            raise AdapterError(f"adapter {src.name!r}: {src.source} (real path {path.resolve()}) is outside allowed_local_roots "
-                               f"{self.cfg.allowed_local_roots}; move it there or add its folder to allowed_local_roots")
+            raise AdapterRefused(f"adapter {name!r}: {source} (real path {path.resolve()}) is outside the server's allowed local roots; "
+                                 "put it inside one of them (tenancy: ask the operator) or register it in MLflow", 403, "path_not_allowed")
         real = path.resolve(strict=True)
-        if not real.is_dir():
-            raise AdapterError(f"adapter {src.name!r}: {src.source} is not a folder")
-        check_adapter_folder(real, src.name, self.cfg.engine.max_lora_rank)  # refuse before copying
-        return _store(real, self.cache_dir)
+        self.inspect(real, self.cfg.allowed_local_roots)  # refuse before copying anything
+        return self._store(name, real)
 
-    def _from_registry(self, src: AdapterSource) -> tuple[Path, str]:
+    def _from_registry(self, name: str, source: str):
+        from lorafleet.serve.validation import AdapterRefused
         from lorafleet.tracking import download_adapter
 
         tracking_uri = self.tracking_uri()
         # A numbered version never changes: remember which content it gave. An alias can move,
         # so it is looked up (and downloaded) again on every resolution.
         pointer = None
-        if _NUMERIC_VERSION.match(src.source):
-            key = hashlib.sha256(f"{tracking_uri}\n{src.source.rstrip('/')}".encode()).hexdigest()
+        if _NUMERIC_VERSION.match(source):
+            key = hashlib.sha256(f"{tracking_uri}\n{source.rstrip('/')}".encode()).hexdigest()
             pointer = self.cache_dir / "by-source" / key
             if pointer.is_file():
                 digest = pointer.read_text().strip()
                 if (self.cache_dir / digest).is_dir():
-                    return self.cache_dir / digest, digest
+                    return self.cache_dir / digest, digest, self.inspect(self.cache_dir / digest, [])
         with tempfile.TemporaryDirectory(prefix=".download-", dir=self.cache_dir) as tmp:
             try:
-                folder = Path(download_adapter(tracking_uri, src.source, tmp))
+                folder = Path(download_adapter(tracking_uri, source, tmp))
             except Exception as exc:  # noqa: BLE001 - MLflow raises many types; the message is what matters
-                raise AdapterError(f"adapter {src.name!r}: could not download {src.source} from {tracking_uri}: {exc}") from None
-            check_adapter_folder(folder, src.name, self.cfg.engine.max_lora_rank)
-            stored, digest = _store(folder, self.cache_dir)
+                raise AdapterRefused(f"adapter {name!r}: could not download {source} from the model registry: {exc}", 404, "adapter_not_found") from None
+            stored = self._store(name, folder)
         if pointer is not None:
             pointer.parent.mkdir(exist_ok=True)
-            pointer.write_text(digest)
-        return stored, digest
+            pointer.write_text(stored[1])
+        return stored
 
-    # -- the base stand-in
+    def _store(self, name: str, src: Path):
+        """Copy ``src`` into ``cache/<hash>`` (atomic rename; concurrent writers agree) and check the copy."""
+        tmp = Path(tempfile.mkdtemp(prefix=".copy-", dir=self.cache_dir))
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)  # symlinks (already checked) are copied as files
+            info = self.inspect(tmp, [])
+            digest = content_hash(tmp)
+            target = self.cache_dir / digest
+            if not target.is_dir():
+                try:
+                    os.rename(tmp, target)
+                except OSError:  # another replica stored the same content first
+                    if not target.is_dir():
+                        raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("adapter %s stored as %s", name, target)
+        return target, digest, info
 
-    def base_stand_in(self) -> Optional[Adapter]:
-        """An adapter with the layout of the first resolvable configured one and every lora_B zeroed.
+    def ensure_local(self, adapter: Adapter) -> Adapter:
+        """The adapter with a folder that exists on this node: fetched again from its source when the
+        node has no copy yet (another node registered it), and refused if the content changed since."""
+        if adapter.path and Path(adapter.path).is_dir():
+            return adapter
+        folder, digest, _ = self.fetch(adapter.name, adapter.source)
+        if adapter.content_hash and digest != adapter.content_hash:
+            from lorafleet.serve.validation import AdapterRefused
 
-        It changes nothing (B = 0 makes the update B @ A zero), but a request carrying it is
-        a LoRA request: see ``engine.EngineSetup.base_through_zero_adapter`` for why the CPU
-        engine needs that for base-model requests. None when no adapter is configured.
+            raise AdapterRefused(f"adapter {adapter.name!r}: {adapter.source} no longer has the content it was registered with "
+                                 f"(sha256 {adapter.content_hash[:12]}..., now {digest[:12]}...); register it again", 409, "adapter_changed")
+        return Adapter(adapter.name, adapter.source, adapter.lora_id, str(folder), digest, adapter.pinned)
+
+    def base_stand_in(self, lora_id: int) -> Adapter:
+        """An adapter over the base's first attention projections with every lora_B zero.
+
+        It changes nothing (B = 0 makes the update B @ A zero), but a request carrying it is a
+        LoRA request: see ``engine.EngineSetup.base_through_zero_adapter`` for why the CPU
+        engine needs that for base-model requests.
         """
-        if self._base_stand_in is not None or not self.sources:
-            return self._base_stand_in
-        failures = []
-        for name in self.names:
-            try:
-                template = self.resolve(name)
-                break
-            except AdapterError as exc:
-                failures.append(str(exc))
-        else:
-            raise AdapterError("no configured adapter could be resolved to build the base stand-in: " + "; ".join(failures))
-        target = self.cache_dir / f"zero-{template.content_hash}"
-        if not target.is_dir():
-            import torch
-            from safetensors.torch import load_file, save_file
+        import torch
+        from safetensors.torch import save_file
 
+        from lorafleet.serve.validation import FINGERPRINT_FILE
+
+        base = self.base_spec()
+        suffix = next((s for s in ("q_proj", "query", "c_attn", "qkv_proj") if s in base.module_suffixes()), None)
+        modules = {m: shape for m, shape in base.linear_shapes.items() if suffix and m.rsplit(".", 1)[-1] == suffix}
+        if not modules:
+            raise AdapterError(f"cannot build the base stand-in adapter: no attention projection found in {self.cfg.model}")
+        rank = 8 if self.cfg.engine.max_lora_rank >= 8 else 1
+        target = self.cache_dir / f"zero-{base.fingerprint[:16]}-r{rank}-{suffix}"
+        if not target.is_dir():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".zero-", dir=self.cache_dir))
             try:
-                shutil.copy(Path(template.path) / "adapter_config.json", tmp / "adapter_config.json")
-                weights = Path(template.path) / "adapter_model.safetensors"
-                if weights.is_file():
-                    tensors = load_file(str(weights))
-                else:
-                    tensors = torch.load(str(Path(template.path) / "adapter_model.bin"), map_location="cpu", weights_only=True)
-                zeroed = {k: torch.zeros_like(v) if "lora_B" in k else v.contiguous() for k, v in tensors.items()}
-                save_file(zeroed, str(tmp / "adapter_model.safetensors"))
+                tensors = {}
+                for module, (out_features, in_features) in modules.items():
+                    tensors[f"base_model.model.{module}.lora_A.weight"] = torch.zeros(rank, in_features)
+                    tensors[f"base_model.model.{module}.lora_B.weight"] = torch.zeros(out_features, rank)
+                save_file(tensors, str(tmp / "adapter_model.safetensors"))
+                config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+                          "target_modules": [suffix], "bias": "none", "base_model_name_or_path": self.cfg.model}
+                (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+                (tmp / FINGERPRINT_FILE).write_text(json.dumps({"base_fingerprint": base.fingerprint, "base_model": self.cfg.model}))
                 try:
                     os.rename(tmp, target)
                 except OSError:
@@ -283,5 +282,55 @@ class AdapterCatalog:
                         raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        self._base_stand_in = Adapter(BASE_STAND_IN_NAME, f"zeroed:{template.name}", len(self._ids) + 1, str(target), content_hash(target))
-        return self._base_stand_in
+        return Adapter(BASE_STAND_IN_NAME, "zero", lora_id, str(target), content_hash(target))
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+class AdapterCatalog:
+    """The adapters of the config file, their ids, and their resolution into checked local folders.
+
+    Resolution of one name is serialised by a per-name lock and done once; different names
+    resolve concurrently.
+    """
+
+    def __init__(self, cfg: ServeConfig, store: Optional[AdapterStore] = None):
+        self.cfg = cfg
+        self.store = store or AdapterStore(cfg)
+        self.sources: dict[str, AdapterSource] = {a.name: a for a in cfg.adapters}
+        # The one counter: ids 1..N in config order; the base stand-in takes N+1.
+        self._ids = {name: i + 1 for i, name in enumerate(self.sources)}
+        self._resolved: dict[str, Adapter] = {}
+        self._locks: dict[str, threading.Lock] = {name: threading.Lock() for name in self.sources}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    @property
+    def stand_in_id(self) -> int:
+        return len(self._ids) + 1
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sources
+
+    def lora_id(self, name: str) -> int:
+        return self._ids[name]
+
+    def resolve(self, name: str) -> Adapter:
+        """The resolved adapter ``name`` (download/copy + checks on first call). Blocking."""
+        if name not in self.sources:
+            raise KeyError(name)
+        with self._locks[name]:
+            if name not in self._resolved:
+                src = self.sources[name]
+                folder, digest, _ = self.store.fetch(name, src.source)
+                log.info("adapter %s from %s -> %s (sha256 %s)", name, src.source, folder, digest[:12])
+                self._resolved[name] = Adapter(name, src.source, self._ids[name], str(folder), digest)
+            return self._resolved[name]
+
+    async def resolve_async(self, name: str) -> Adapter:
+        if name in self._resolved:
+            return self._resolved[name]
+        return await asyncio.to_thread(self.resolve, name)

@@ -65,6 +65,9 @@ def deployment_options(cfg: ServeConfig) -> tuple[dict, dict]:
 def app_from_config(cfg: ServeConfig, root: Optional[Path] = None) -> Application:
     """The bound application for ``cfg`` (relative paths resolved against ``root`` / the cwd)."""
     cfg = cfg.absolute(root)
+    # The admin key leaves the driver only as its digest (read here from the config or the environment).
+    digest = cfg.tenancy.admin_digest()
+    cfg = cfg.model_copy(update={"tenancy": cfg.tenancy.model_copy(update={"admin_key": None, "admin_key_sha256": digest})})
     engine_opts, ingress_opts = deployment_options(cfg)
     data = cfg.model_dump(mode="json")
     engine = serve.deployment(EngineDeployment).options(**engine_opts).bind(data)

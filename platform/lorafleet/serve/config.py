@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from lorafleet.config.base import ConfigError, StrictModel, apply_overrides, read_yaml, validate_config
 
@@ -123,6 +123,43 @@ class LimitSettings(StrictModel):
     max_queued_requests: int = Field(128, ge=1, description="Requests waiting for a free engine slot (beyond replicas x max_ongoing_requests) before new ones get 503 (Serve's max_queued_requests).")
 
 
+class QuotaSettings(StrictModel):
+    """Default quotas of every tenant (a tenant's own values in the registry override them; null: unlimited)."""
+
+    max_adapters: Optional[int] = Field(20, ge=0, description="Adapters one tenant may have registered at once (409 beyond).")
+    requests_per_minute: Optional[int] = Field(None, ge=1, description="Requests per minute per tenant (429 with Retry-After beyond).")
+    tokens_per_minute: Optional[int] = Field(None, ge=1, description="Prompt + completion tokens per minute per tenant, counted when a request ends; new requests get 429 with Retry-After while the minute's budget is spent.")
+    max_concurrent_requests: Optional[int] = Field(None, ge=1, description="Requests of one tenant in flight at once (429 beyond).")
+
+
+class TenancySettings(StrictModel):
+    """Tenants, API keys, runtime adapters and their quotas (see lorafleet.serve.registry)."""
+
+    registry_url: Optional[str] = Field(None, description="SQLAlchemy URL of the tenant/key/adapter registry shared by every replica. Default: sqlite:///<state_dir>/registry.db (one node); use postgresql://... on a cluster.")
+    state_dir: Optional[str] = Field(None, description="Server state (the default SQLite registry). Default: <work dir>/serve/state.")
+    admin_key: Optional[SecretStr] = Field(None, description="Admin key for /admin/* (tenants and keys). Prefer the environment variable named by admin_key_env, or admin_key_sha256; never logged.")
+    admin_key_env: str = Field("LORAFLEET_ADMIN_KEY", description="Environment variable read (when the app is built) for the admin key if admin_key is not set.")
+    admin_key_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 hex digest of the admin key, so that the key itself appears in no file.")
+    allow_anonymous: bool = Field(False, description="Requests without an API key may call and list the base model and the config's adapters (local development).")
+    allow_base: bool = Field(True, description="Whether new tenants may call the base model itself (per tenant in the registry).")
+    share_config_adapters: bool = Field(True, description="Tenants may call the adapters listed in `adapters` (read-only) besides their own.")
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings, description="Default per-tenant quotas.")
+    max_pinned: Optional[int] = Field(None, ge=0, description="Adapters that may be pinned in GPU slots, over all tenants. Default and maximum: engine.max_loras - 1 (one slot always stays free for the rest).")
+    poll_interval_s: float = Field(1.0, gt=0, le=60, description="How often every replica checks the registry for changes: a change made through one replica reaches all others within this time (plus one query).")
+    max_adapter_bytes: int = Field(2 * 2**30, ge=1024, description="Largest adapter folder accepted at registration (413 above).")
+    base_aliases: list[str] = Field(default_factory=list, description="Other names the base model is known by: an adapter whose adapter_config.json names one of them as its base is accepted.")
+
+    def admin_digest(self) -> Optional[str]:
+        """sha256 hex of the admin key from the config or the environment (None: admin API off)."""
+        import hashlib
+        import os
+
+        if self.admin_key_sha256:
+            return self.admin_key_sha256
+        key = self.admin_key.get_secret_value() if self.admin_key else os.environ.get(self.admin_key_env)
+        return hashlib.sha256(key.encode()).hexdigest() if key else None
+
+
 class ServeConfig(StrictModel):
     """Everything the multi-LoRA server needs; validated once when the app is built."""
 
@@ -140,6 +177,7 @@ class ServeConfig(StrictModel):
     adapter_cache_dir: Optional[str] = Field(None, description="Where registry adapters are downloaded (content-addressed, shared by replicas on a node). Default: <work dir>/serve/adapters.")
     download_adapters_at_start: bool = Field(True, description="Resolve (download and check) every adapter when a replica starts, so a bad source fails the deploy. false: on first use (many large adapters).")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits and the queue bound.")
+    tenancy: TenancySettings = Field(default_factory=TenancySettings, description="Tenants, API keys, runtime adapters (hot-swap) and quotas.")
 
     @field_validator("route_prefix")
     @classmethod
@@ -172,9 +210,28 @@ class ServeConfig(StrictModel):
         local = [a.name for a in self.adapters if not a.is_registry]
         if local and not self.allowed_local_roots:
             problems.append(f"adapters {local} are local folders but allowed_local_roots is empty; list the folders adapters may be read from")
+        if self.tenancy.max_pinned is not None and self.tenancy.max_pinned > e.max_loras - 1:
+            problems.append(f"tenancy.max_pinned ({self.tenancy.max_pinned}) must be <= engine.max_loras - 1 ({e.max_loras - 1}): "
+                            "pinned adapters hold GPU slots for good and one slot must stay free for the others")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def max_pinned(self) -> int:
+        """How many adapters may be pinned (over all tenants)."""
+        limit = self.engine.max_loras - 1
+        return limit if self.tenancy.max_pinned is None else self.tenancy.max_pinned
+
+    def registry_url(self) -> str:
+        """The registry's SQLAlchemy URL (default: SQLite in the state dir)."""
+        from lorafleet.config.train import default_work_dir
+        from lorafleet.serve.registry import default_registry_url
+
+        if self.tenancy.registry_url:
+            return self.tenancy.registry_url
+        state = Path(self.tenancy.state_dir).expanduser() if self.tenancy.state_dir else default_work_dir() / "serve" / "state"
+        return default_registry_url(state)
 
     @property
     def base_model_name(self) -> str:
@@ -206,13 +263,22 @@ class ServeConfig(StrictModel):
         data["allowed_local_roots"] = [str((root / Path(r).expanduser())) for r in self.allowed_local_roots]
         if self.adapter_cache_dir:
             data["adapter_cache_dir"] = str(root / Path(self.adapter_cache_dir).expanduser())
-        uri = self.mlflow_tracking_uri
-        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
-            data["mlflow_tracking_uri"] = f"sqlite:///{root / uri[len('sqlite:///'):]}"  # a relative sqlite file
+        data["mlflow_tracking_uri"] = _absolute_sqlite(self.mlflow_tracking_uri, root)
+        if self.tenancy.state_dir:
+            data["tenancy"]["state_dir"] = str(root / Path(self.tenancy.state_dir).expanduser())
+        # Pin the registry URL now: replicas may run with another cwd or LORAFLEET_HOME.
+        data["tenancy"]["registry_url"] = _absolute_sqlite(self.tenancy.registry_url, root) or ServeConfig.model_validate(data).registry_url()
         for a in data["adapters"]:
             if not a["source"].startswith("models:"):
                 a["source"] = str(root / Path(a["source"]).expanduser())
         return ServeConfig.model_validate(data)
+
+
+def _absolute_sqlite(uri: Optional[str], root: Path) -> Optional[str]:
+    """A relative ``sqlite:///file.db`` URL made absolute against ``root``; other URLs unchanged."""
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+        return f"sqlite:///{root / uri[len('sqlite:///'):]}"
+    return uri
 
 
 def serve_app_args(data: dict, source: str) -> tuple[dict, dict]:

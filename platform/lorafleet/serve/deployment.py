@@ -1,17 +1,21 @@
 """The two Ray Serve deployments of the app.
 
-``OpenAIIngress`` (FastAPI via ``@serve.ingress``) owns HTTP: body limits, request
-validation, routing by the request's ``model``, SSE framing, OpenAI-shaped errors and
-``/metrics``. It calls ``EngineDeployment`` through a handle; for an adapter it sets
-``multiplexed_model_id`` to the adapter's name, so Serve's router prefers a replica that
-already has the adapter and otherwise the replica holding the fewest (Ray Serve model
-multiplexing). Every engine replica has the whole catalogue, so any replica can serve any
-adapter; the preference only saves loads.
+``OpenAIIngress`` (FastAPI via ``@serve.ingress``) owns HTTP: API keys, body limits, request
+validation, routing by the request's ``model``, quotas, SSE framing, OpenAI-shaped errors,
+``/v1/adapters`` (a tenant's runtime adapters), ``/admin/*`` (tenants and keys) and
+``/metrics``; the tenancy logic lives in :mod:`lorafleet.serve.tenancy`. It calls
+``EngineDeployment`` through a handle; for an adapter it sets ``multiplexed_model_id`` (the
+adapter's name for config adapters, ``lora-<id>`` for a runtime adapter version), so
+Serve's router prefers a replica that already has the adapter and otherwise the replica
+holding the fewest (Ray Serve model multiplexing). Any replica can serve any adapter; the
+preference only saves loads.
 
-``EngineDeployment`` holds one :class:`AdapterEngine` (one vLLM ``AsyncLLM``). Its
-``@serve.multiplexed`` loader resolves an adapter to a local folder (downloading it from
-the registry when not done at start) and returns the :class:`Adapter`; vLLM itself loads the
-weights on first use and evicts them by LRU.
+A runtime adapter request carries the exact version the ingress admitted (its ``ref``), so
+a replace never changes what an admitted request runs on. ``EngineDeployment`` holds one
+:class:`AdapterEngine` (one vLLM ``AsyncLLM``); its ``@serve.multiplexed`` loader makes sure
+the adapter's checked folder exists on this node, and vLLM loads the weights on first use.
+Every ``tenancy.poll_interval_s`` the replica re-reads the registry, pins/unpins and unloads
+retired versions (:mod:`lorafleet.serve.slots`) and publishes what its engine holds.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from lorafleet.serve.protocol import OpenAIError, bad_request, overloaded, parse
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-lorafleet-replica"
+ADAPTER_VERSION_HEADER = "x-lorafleet-adapter-version"
 
 
 # --------------------------------------------------------------------------- engine
@@ -46,6 +51,7 @@ class EngineDeployment:
 
     async def __init__(self, config: dict):
         from lorafleet.serve.generation import AdapterEngine
+        from lorafleet.serve.registry import Registry, RegistryView
 
         self.cfg = ServeConfig.model_validate(config)
         try:
@@ -53,35 +59,99 @@ class EngineDeployment:
         except Exception:  # noqa: BLE001 - outside Serve (direct use in tests)
             replica = "local"
         self.core = await AdapterEngine.start(self.cfg, replica)
+        self.registry = await asyncio.to_thread(Registry, self.cfg.registry_url())
+        self.view = await asyncio.to_thread(RegistryView, self.registry)
+        self._refs: dict[str, dict] = {}  # multiplexed id of a runtime adapter version -> its ref (set before loading)
         slots = self.cfg.engine.max_cpu_loras or self.cfg.engine.max_loras
 
-        async def load_adapter(name: str) -> Adapter:
+        async def load_adapter(model_id: str) -> Adapter:
             try:
-                return await self.core.catalog.resolve_async(name)
+                if model_id in self.core.catalog:
+                    return await self.core.catalog.resolve_async(model_id)
+                ref = self._refs[model_id]
+                adapter = Adapter(ref["display"], ref["source"], ref["lora_id"], ref["path"], ref["content_hash"])
+                return await asyncio.to_thread(self.core.catalog.store.ensure_local, adapter)
             except AdapterError as exc:
-                raise OpenAIError(500, f"The adapter `{name}` could not be prepared: {exc}", "server_error", "model", "adapter_load_failed") from None
+                status = getattr(exc, "status", 500)
+                raise OpenAIError(status if status < 500 else 500, f"The adapter `{model_id}` could not be prepared: {exc}",
+                                  "server_error" if status >= 500 else "invalid_request_error", "model", "adapter_load_failed") from None
 
         # Serve's multiplexed cache mirrors vLLM's host-memory LRU (same capacity, same order
         # of use), so what this replica reports to the router is what vLLM most likely holds.
         self._adapter = serve.multiplexed(max_num_models_per_replica=slots)(load_adapter)
+        self._published: Optional[tuple] = None
+        self._published_at = 0.0
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
 
-    async def _adapter_for(self, model: str) -> Optional[Adapter]:
+    # -- the registry
+
+    async def _sync_forever(self) -> None:
+        """Every poll interval: reload the registry if it changed, match the engine to it, publish what the engine holds."""
+        while True:
+            try:
+                await asyncio.to_thread(self.view.refresh)
+                await self._sync()
+            except Exception as exc:  # noqa: BLE001 - a registry outage must not kill the replica; retried next tick
+                log.warning("registry sync failed (retrying): %r", exc)
+            await asyncio.sleep(self.cfg.tenancy.poll_interval_s)
+
+    async def _sync(self) -> None:
+        from lorafleet.serve.slots import engine_lora_state
+
+        snapshot = self.view.snapshot
+        live = snapshot.live_lora_ids | {self.core.catalog.lora_id(n) for n in self.core.catalog.names}
+        if self.core.base_stand_in is not None:
+            live.add(self.core.base_stand_in.lora_id)
+        pinned = {}
+        for record in snapshot.pinned():
+            tenant = snapshot.tenants.get(record.tenant_id)
+            display = f"{tenant.name if tenant else record.tenant_id}/{record.name}"
+            self.core.adapter_names[record.lora_id] = display
+            pinned[record.lora_id] = Adapter(display, record.source, record.lora_id, record.path, record.content_hash, True)
+        await self.core.slots.sync(live, pinned)
+        state = await engine_lora_state(self.core.engine) or {}
+        state["in_flight"] = sorted(self.core.slots.in_flight)
+        state["pinned"] = sorted(self.core.slots.pinned)
+        key = tuple((k, str(v)) for k, v in sorted(state.items()))
+        if key != self._published or time.monotonic() - self._published_at > 5:
+            await asyncio.to_thread(self.registry.publish_replica_state, self.core.replica, state)
+            self._published, self._published_at = key, time.monotonic()
+
+    async def engine_state(self) -> dict:
+        """This replica's adapter state as its vLLM worker reports it (diagnostics and tests)."""
+        from lorafleet.serve.slots import engine_lora_state
+
+        return {"replica": self.core.replica, **(await engine_lora_state(self.core.engine) or {}),
+                "in_flight": sorted(self.core.slots.in_flight), "pinned": sorted(self.core.slots.pinned)}
+
+    # -- requests
+
+    async def _adapter_for(self, model: str, ref: Optional[dict]) -> Optional[Adapter]:
+        if ref is not None:  # a runtime adapter: exactly the version the ingress admitted
+            if ref["lora_id"] not in self.view.snapshot.live_lora_ids:
+                # Registered a moment ago through the ingress: catch up now, so that the sync
+                # never takes a live version for a retired one.
+                await asyncio.to_thread(self.view.refresh)
+            key = f"lora-{ref['lora_id']}"
+            self._refs[key] = ref
+            self.core.adapter_names[ref["lora_id"]] = ref["display"]
+            return await self._adapter(key)
         if model == self.cfg.base_model_name:
             return None
         if model not in self.core.catalog:
             raise unknown_model(model, [self.cfg.base_model_name, *self.core.catalog.names])
         return await self._adapter(model)
 
-    async def complete(self, request) -> dict:
+    async def complete(self, request, ref: Optional[dict] = None) -> dict:
         """Non-streaming: ``{"response": ..., "meta": ...}``."""
         result: dict = {}
-        async for item in self.core.generate(request, await self._adapter_for(request.model)):
+        async for item in self.core.generate(request, await self._adapter_for(request.model, ref)):
             result.update(item)
         return result
 
-    async def stream(self, request) -> AsyncIterator[dict]:
+    async def stream(self, request, ref: Optional[dict] = None) -> AsyncIterator[dict]:
         """Streaming: ``{"chunk": ...}`` items, then ``{"meta": ...}``."""
-        adapter = await self._adapter_for(request.model)
+        adapter = await self._adapter_for(request.model, ref)
         async for item in self.core.generate(request, adapter):
             yield item
 
@@ -93,6 +163,9 @@ class EngineDeployment:
         return {"replica": self.core.replica, "adapters": self.core.adapter_activity()}
 
     def __del__(self):
+        task = getattr(self, "_sync_task", None)
+        if task is not None:
+            task.cancel()
         core = getattr(self, "core", None)
         if core is not None:
             try:
@@ -106,8 +179,8 @@ class EngineDeployment:
 api = FastAPI(title="lorafleet", description="OpenAI-compatible multi-LoRA server (lorafleet).")
 
 
-def _error_response(exc: OpenAIError, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+def _error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=getattr(exc, "headers", None) or None)
 
 
 @api.exception_handler(OpenAIError)
@@ -154,13 +227,15 @@ def as_openai_error(exc: BaseException) -> OpenAIError:
 
 @serve.ingress(api)
 class OpenAIIngress:
-    """HTTP front of the app: OpenAI routes, health, readiness, metrics."""
+    """HTTP front of the app: OpenAI routes, adapter management, tenant admin, health, readiness, metrics."""
 
     def __init__(self, config: dict, engine):
+        from lorafleet.serve.tenancy import Tenancy
+
         self.cfg = ServeConfig.model_validate(config)
         self.engine = engine
         self.metrics = ServeMetrics()
-        self.adapter_names = [a.name for a in self.cfg.adapters]
+        self.tenancy = Tenancy(self.cfg)
         self.created = int(time.time())
 
     # -- helpers
@@ -181,50 +256,58 @@ class OpenAIIngress:
         except ValueError as exc:
             raise bad_request(f"The request body is not valid JSON: {exc}") from None
 
-    def _handle_for(self, model: str):
-        if model == self.cfg.base_model_name:
+    def _handle_for(self, route):
+        if route.multiplexed_id is None:
             return self.engine
-        if model in self.adapter_names:
-            return self.engine.options(multiplexed_model_id=model)
-        raise unknown_model(model, [self.cfg.base_model_name, *self.adapter_names])
-
-    def _metrics_model(self, model: Optional[str]) -> str:
-        return model if model == self.cfg.base_model_name or model in self.adapter_names else "unknown"
+        return self.engine.options(multiplexed_model_id=route.multiplexed_id)
 
     def _record_meta(self, meta: dict) -> None:
         if meta.get("replica") and "adapters" in meta:
             self.metrics.adapters.update(meta["replica"], meta["adapters"])
 
+    async def _caller(self, request: Request):
+        self.tenancy.start()
+        return await self.tenancy.caller(request.headers.get("authorization"))
+
     async def _openai(self, kind: str, request: Request) -> Response:
         started = time.monotonic()
         endpoint = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
-        model: Optional[str] = None
+        label, ticket, handed_over = "unknown", None, False
         self.metrics.in_flight.inc()
         try:
+            caller = await self._caller(request)
             body = await self._read_json(request)
             parsed = parse_request(kind, body)
-            model = parsed.model
-            handle = self._handle_for(model)
+            route = await self.tenancy.route(caller, parsed.model)
+            label = route.metrics_label
+            ticket = self.tenancy.admit(caller)
+            handle, ref = self._handle_for(route), route.ref()
+            headers = {ADAPTER_VERSION_HEADER: str(route.record.version)} if route.record else {}
             if parsed.stream:
-                stream = handle.options(stream=True).stream.remote(parsed)
+                stream = handle.options(stream=True).stream.remote(parsed, ref)
                 first = await stream.__anext__()  # every rejection happens before the first item
-                return StreamingResponse(self._sse(first, stream, model, endpoint, started), media_type="text/event-stream",
-                                         headers={"cache-control": "no-cache"})
-            result = await handle.complete.remote(parsed)
+                handed_over = True  # the stream now owns the ticket
+                return StreamingResponse(self._sse(first, stream, label, endpoint, started, ticket), media_type="text/event-stream",
+                                         headers={"cache-control": "no-cache", **headers})
+            result = await handle.complete.remote(parsed, ref)
             meta = result.get("meta", {})
             self._record_meta(meta)
-            self.metrics.observe(model, endpoint, 200, time.monotonic() - started, meta.get("ttft_s"), meta.get("usage"))
-            return JSONResponse(result["response"], headers={REPLICA_HEADER: str(meta.get("replica", ""))})
+            if ticket is not None:
+                ticket.tokens = (meta.get("usage") or {}).get("total_tokens", 0)
+            self.metrics.observe(label, endpoint, 200, time.monotonic() - started, meta.get("ttft_s"), meta.get("usage"))
+            return JSONResponse(result["response"], headers={REPLICA_HEADER: str(meta.get("replica", "")), **headers})
         except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
             err = as_openai_error(exc)
             if err.status >= 500 and err.code == "internal_error":
-                log.error("request to %s for model %r failed: %r", endpoint, model, exc)
-            self.metrics.observe(self._metrics_model(model), endpoint, err.status, time.monotonic() - started)
+                log.error("request to %s for model %r failed: %r", endpoint, label, exc)
+            self.metrics.observe(label, endpoint, err.status, time.monotonic() - started)
             return _error_response(err)
         finally:
+            if ticket is not None and not handed_over:
+                ticket.release()
             self.metrics.in_flight.dec()
 
-    async def _sse(self, first: dict, stream, model: str, endpoint: str, started: float) -> AsyncIterator[str]:
+    async def _sse(self, first: dict, stream, model: str, endpoint: str, started: float, ticket) -> AsyncIterator[str]:
         """Server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``."""
         status, ttft, meta = 200, None, {}
         self.metrics.in_flight.inc()  # the request is in flight until its stream ends
@@ -252,10 +335,23 @@ class OpenAIIngress:
             yield f"data: {json.dumps(err.body())}\n\n"
         finally:
             self._record_meta(meta)
+            if ticket is not None:
+                ticket.tokens = (meta.get("usage") or {}).get("total_tokens", 0)
+                ticket.release()
             self.metrics.observe(model, endpoint, status, time.monotonic() - started, ttft, meta.get("usage"))
             self.metrics.in_flight.dec()
 
-    # -- routes
+    async def _json(self, work, status: int = 200) -> Response:
+        """Run a management coroutine factory; OpenAI-shaped errors on failure."""
+        try:
+            return JSONResponse(await work(), status_code=status)
+        except Exception as exc:  # noqa: BLE001
+            err = as_openai_error(exc)
+            if err.code == "internal_error":
+                log.error("management request failed: %r", exc)
+            return _error_response(err)
+
+    # -- OpenAI routes
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -266,12 +362,109 @@ class OpenAIIngress:
         return await self._openai("chat", request)
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
-        base = self.cfg.base_model_name
-        cards = [{"id": base, "object": "model", "created": self.created, "owned_by": "lorafleet", "root": self.cfg.model, "parent": None}]
-        cards += [{"id": name, "object": "model", "created": self.created, "owned_by": "lorafleet", "root": name, "parent": base}
-                  for name in self.adapter_names]
-        return {"object": "list", "data": cards}
+    async def models(self, request: Request) -> Response:
+        async def work():
+            caller = await self._caller(request)
+            base = self.cfg.base_model_name
+            cards = []
+            for name in self.tenancy.visible_models(caller):
+                root, parent = (self.cfg.model, None) if name == base else (name, base)
+                cards.append({"id": name, "object": "model", "created": self.created, "owned_by": caller.label if name not in
+                              (base, *self.tenancy.shared) else "lorafleet", "root": root, "parent": parent})
+            return {"object": "list", "data": cards}
+        return await self._json(work)
+
+    # -- adapter management (a tenant's own adapters)
+
+    @api.get("/v1/adapters")
+    async def list_adapters(self, request: Request) -> Response:
+        return await self._json(lambda: self._with_caller(request, self.tenancy.list))
+
+    @api.post("/v1/adapters")
+    async def register_adapter(self, request: Request) -> Response:
+        async def work():
+            caller = await self._caller(request)
+            return await self.tenancy.register(caller, await self._read_json(request))
+        return await self._json(work, 201)
+
+    @api.get("/v1/adapters/{name:path}")
+    async def get_adapter(self, name: str, request: Request) -> Response:
+        return await self._json(lambda: self._with_caller(request, self.tenancy.get, name))
+
+    @api.put("/v1/adapters/{name:path}")
+    async def replace_adapter(self, name: str, request: Request) -> Response:
+        async def work():
+            caller = await self._caller(request)
+            return await self.tenancy.replace(caller, name, await self._read_json(request))
+        return await self._json(work)
+
+    @api.patch("/v1/adapters/{name:path}")
+    async def pin_adapter(self, name: str, request: Request) -> Response:
+        async def work():
+            caller = await self._caller(request)
+            return await self.tenancy.set_pin(caller, name, await self._read_json(request))
+        return await self._json(work)
+
+    @api.delete("/v1/adapters/{name:path}")
+    async def delete_adapter(self, name: str, request: Request) -> Response:
+        return await self._json(lambda: self._with_caller(request, self.tenancy.delete, name))
+
+    async def _with_caller(self, request: Request, op, *args):
+        return await op(await self._caller(request), *args)
+
+    # -- admin (tenants and keys; the admin key only)
+
+    async def _admin(self, request: Request, work, status: int = 200) -> Response:
+        async def run():
+            self.tenancy.require_admin(request.headers.get("authorization"))
+            return await work()
+        return await self._json(run, status)
+
+    @api.post("/admin/tenants")
+    async def create_tenant(self, request: Request) -> Response:
+        async def work():
+            return await self.tenancy.create_tenant(await self._read_json(request))
+        return await self._admin(request, work, 201)
+
+    @api.get("/admin/tenants")
+    async def list_tenants(self, request: Request) -> Response:
+        return await self._admin(request, self.tenancy.list_tenants)
+
+    @api.patch("/admin/tenants/{tenant}")
+    async def update_tenant(self, tenant: str, request: Request) -> Response:
+        async def work():
+            return await self.tenancy.update_tenant(tenant, await self._read_json(request))
+        return await self._admin(request, work)
+
+    @api.delete("/admin/tenants/{tenant}")
+    async def delete_tenant(self, tenant: str, request: Request) -> Response:
+        async def work():
+            adapters = await self.tenancy.admin("delete_tenant", tenant)
+            return {"id": tenant, "object": "tenant", "deleted": True, "adapters_deleted": [a.name for a in adapters]}
+        return await self._admin(request, work)
+
+    @api.post("/admin/tenants/{tenant}/keys")
+    async def create_key(self, tenant: str, request: Request) -> Response:
+        async def work():
+            body = await self._read_json(request) if request.headers.get("content-length") not in (None, "0") else {}
+            key = await self.tenancy.admin("create_key", tenant, (body or {}).get("label"))
+            return {"id": key.id, "key": key.secret}
+        return await self._admin(request, work, 201)
+
+    @api.delete("/admin/tenants/{tenant}/keys/{key_id}")
+    async def revoke_key(self, tenant: str, key_id: str, request: Request) -> Response:
+        async def work():
+            return (await self.tenancy.admin("revoke_key", key_id, tenant)).public()
+        return await self._admin(request, work)
+
+    @api.get("/admin/engines")
+    async def engines(self, request: Request) -> Response:
+        """What each live engine replica last published about its adapters (its vLLM worker's own state)."""
+        async def work():
+            return {"replicas": await self.tenancy._replica_states()}
+        return await self._admin(request, work)
+
+    # -- operations
 
     @api.get("/health")
     async def health(self) -> Response:
@@ -293,7 +486,7 @@ class OpenAIIngress:
             return _error_response(overloaded(f"not ready: {as_openai_error(exc).message}"))
         if not app_status.endswith("RUNNING"):
             return _error_response(overloaded(f"not ready: application status is {app_status}"))
-        return JSONResponse({"status": "ready", "application": app_status, "models": [self.cfg.base_model_name, *self.adapter_names],
+        return JSONResponse({"status": "ready", "application": app_status, "models": [self.cfg.base_model_name, *self.tenancy.shared],
                              "replica": info["replica"]})
 
     @api.get("/metrics")

@@ -72,4 +72,4 @@ def engine_setup(cfg: ServeConfig, device: Optional[str] = None) -> EngineSetup:
         disable_log_stats=not e.log_engine_stats,
         enable_log_requests=False,
     )
-    return EngineSetup(device=device, args=args, base_through_zero_adapter=on_cpu and bool(cfg.adapters))
+    return EngineSetup(device=device, args=args, base_through_zero_adapter=on_cpu)

@@ -15,15 +15,17 @@ adapter activity, which the ingress turns into metrics and strips.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
-from lorafleet.serve.adapters import Adapter, AdapterCatalog
+from lorafleet.serve.adapters import Adapter, AdapterCatalog, AdapterStore
 from lorafleet.serve.config import ServeConfig
 from lorafleet.serve.engine import EngineSetup, engine_setup
+from lorafleet.serve.slots import LoRASlots
 from lorafleet.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -63,7 +65,9 @@ class AdapterEngine:
         self.max_model_len: int = engine.model_config.max_model_len
         self.vocab_size = len(tokenizer)
         self.base_stand_in = base_stand_in
-        self._id_to_name = {catalog.lora_id(n): n for n in catalog.names}
+        self.slots = LoRASlots(engine, cfg.engine.max_loras, catalog.store.ensure_local)
+        # lora id -> the name metrics show (config adapters now; runtime versions as they arrive)
+        self.adapter_names = {catalog.lora_id(n): n for n in catalog.names}
         self._loaded: set[int] = set()
         self._loads: dict[str, int] = {}
         self._evictions: dict[str, int] = {}
@@ -79,12 +83,12 @@ class AdapterEngine:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        catalog = AdapterCatalog(cfg)
+        catalog = AdapterCatalog(cfg, AdapterStore(cfg))
         if cfg.download_adapters_at_start:
             for name in catalog.names:
                 await asyncio.to_thread(catalog.resolve, name)
         setup = engine_setup(cfg)
-        stand_in = await asyncio.to_thread(catalog.base_stand_in) if setup.base_through_zero_adapter else None
+        stand_in = await asyncio.to_thread(catalog.store.base_stand_in, catalog.stand_in_id) if setup.base_through_zero_adapter else None
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, cfg.tokenizer or cfg.model)
         engine = AsyncLLM.from_engine_args(setup.args)
         return cls(cfg, setup, engine, tokenizer, catalog, replica, stand_in)
@@ -174,20 +178,28 @@ class AdapterEngine:
         """Run ``request`` on the base (``adapter`` None) or the adapter; yield chunks/response, then meta.
 
         Every check that can reject the request runs before the first item is yielded, so a
-        caller that waits for the first item can still answer with an HTTP error status.
+        caller that waits for the first item can still answer with an HTTP error status. A
+        request waits here (before the engine) while the adapter has no free slot (see slots.py).
         """
-        from vllm.exceptions import GracefulHTTPError, VLLMClientError
-        from vllm.utils.async_utils import merge_async_iterators
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         kind = "chat" if isinstance(request, ChatCompletionRequest) else "completions"
         started = time.monotonic()
         prompt_ids, prompt_texts = await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._encode_prompts, request)
         max_tokens = self._max_tokens(request, prompt_ids)
         params = self._sampling_params(request, max_tokens)
-        lora = adapter.lora_request() if adapter is not None else (self.base_stand_in.lora_request() if self.base_stand_in else None)
-        response_id, created, model = new_id(kind), now(), request.model
+        lora_adapter = adapter if adapter is not None else self.base_stand_in
+        async with self.slots.use(lora_adapter), contextlib.aclosing(
+                self._generate(kind, request, prompt_ids, prompt_texts, params, lora_adapter, started)) as items:
+            async for item in items:
+                yield item
 
+    async def _generate(self, kind: str, request: Request, prompt_ids: list[list[int]], prompt_texts: list[str], params,
+                        lora_adapter: Optional[Adapter], started: float) -> AsyncIterator[dict]:
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.utils.async_utils import merge_async_iterators
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        lora = lora_adapter.lora_request() if lora_adapter is not None else None
+        response_id, created, model = new_id(kind), now(), request.model
         streams = []
         for i, ids in enumerate(prompt_ids):
             (engine_input,) = await self.engine.renderer.render_cmpl_async([{"prompt_token_ids": ids}])
@@ -304,16 +316,16 @@ class AdapterEngine:
             log.debug("list_loras failed: %s", exc)
             return
         for lora_id in loaded - self._loaded:
-            if lora_id in self._id_to_name:
-                name = self._id_to_name[lora_id]
+            if lora_id in self.adapter_names:
+                name = self.adapter_names[lora_id]
                 self._loads[name] = self._loads.get(name, 0) + 1
         for lora_id in self._loaded - loaded:
-            if lora_id in self._id_to_name:
-                name = self._id_to_name[lora_id]
+            if lora_id in self.adapter_names:
+                name = self.adapter_names[lora_id]
                 self._evictions[name] = self._evictions.get(name, 0) + 1
         self._loaded = loaded
 
     def adapter_activity(self) -> dict:
         """Cumulative adapter loads/evictions seen on this replica and what is loaded now."""
         return {"loads": dict(self._loads), "evictions": dict(self._evictions),
-                "loaded": sorted(self._id_to_name[i] for i in self._loaded if i in self._id_to_name)}
+                "loaded": sorted(self.adapter_names[i] for i in self._loaded if i in self.adapter_names)}

@@ -27,9 +27,11 @@ class OpenAIError(Exception):
     across Ray (a replica raises it, the ingress catches it).
     """
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(status, message, type, param, code)
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(status, message, type, param, code, headers)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})  # e.g. Retry-After on a 429, WWW-Authenticate on a 401
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -1,0 +1,141 @@
+"""Per-tenant request quotas enforced by the ingress: requests/minute, tokens/minute, concurrency.
+
+Requests and tokens per minute are token buckets that hold a minute's budget and refill
+continuously, so a tenant may burst up to its per-minute quota and then proceeds at the
+steady rate. Tokens are only known when a request ends (prompt + completion, as reported
+in ``usage``), so they are debited then; a tenant whose token bucket is empty gets 429
+until it refills. Every 429 carries ``Retry-After`` (whole seconds until the request would
+be admitted).
+
+Each ingress replica enforces its share of the quota (quota / ``deployment.ingress_replicas``),
+so the sum over replicas never exceeds the tenant's quota without a shared counter on the
+request path.
+
+Example::
+
+    limiter = QuotaLimiter(shares=1)
+    with limiter.admit(tenant_id, {"requests_per_minute": 60, ...}) as ticket:
+        ...                                  # run the request
+        ticket.tokens = usage["total_tokens"]
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class RateLimited(Exception):
+    """A request over a quota: 429 with ``Retry-After: retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int, code: str):
+        super().__init__(message)
+        self.message, self.retry_after_s, self.code = message, max(1, retry_after_s), code
+
+
+class _Bucket:
+    def __init__(self, per_minute: float):
+        self.capacity = per_minute
+        self.level = per_minute
+        self.stamp = time.monotonic()
+
+    def _refill(self, capacity: float) -> None:
+        now = time.monotonic()
+        if capacity != self.capacity:  # the quota changed: keep the spent part, clamp to the new size
+            self.level = min(self.level, capacity)
+            self.capacity = capacity
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.capacity / 60.0)
+        self.stamp = now
+
+    def seconds_until(self, capacity: float, amount: float) -> float:
+        """0 when ``amount`` is available now, else the wait until it is."""
+        self._refill(capacity)
+        missing = amount - self.level
+        return 0.0 if missing <= 0 else missing * 60.0 / self.capacity
+
+    def take(self, amount: float) -> None:
+        self.level -= amount
+
+
+@dataclass
+class _TenantState:
+    requests: Optional[_Bucket] = None
+    tokens: Optional[_Bucket] = None
+    in_flight: int = 0
+
+
+@dataclass
+class Ticket:
+    """An admitted request; set ``tokens`` before it is released."""
+
+    limiter: "QuotaLimiter"
+    tenant_id: int
+    tokens: int = 0
+    _released: bool = field(default=False, repr=False)
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.limiter._release(self.tenant_id, self.tokens)
+
+
+class QuotaLimiter:
+    """The quota state of one ingress replica, for every tenant."""
+
+    def __init__(self, shares: int = 1):
+        self.shares = max(1, shares)
+        self._lock = threading.Lock()
+        self._tenants: dict[int, _TenantState] = {}
+
+    def _share(self, value: Optional[int]) -> Optional[float]:
+        return None if value is None else max(1.0, value / self.shares)
+
+    def admit(self, tenant_id: int, quotas: dict) -> Ticket:
+        """Admit one request of the tenant or raise :class:`RateLimited`."""
+        rpm = self._share(quotas.get("requests_per_minute"))
+        tpm = self._share(quotas.get("tokens_per_minute"))
+        concurrent = quotas.get("max_concurrent_requests")
+        concurrent = None if concurrent is None else max(1, concurrent // self.shares)
+        with self._lock:
+            state = self._tenants.setdefault(tenant_id, _TenantState())
+            if concurrent is not None and state.in_flight >= concurrent:
+                raise RateLimited(f"Too many concurrent requests: this key's tenant already has {state.in_flight} in flight "
+                                  f"(limit {concurrent}); retry when one finishes.", 1, "concurrency_limit_exceeded")
+            if tpm is not None:
+                state.tokens = state.tokens or _Bucket(tpm)
+                wait = state.tokens.seconds_until(tpm, 1)  # any positive balance admits
+                if wait > 0:
+                    raise RateLimited(f"Rate limit reached: tokens per minute (limit {int(tpm)}) are used up; retry in {math.ceil(wait)} s.",
+                                      math.ceil(wait), "rate_limit_exceeded")
+            if rpm is not None:
+                state.requests = state.requests or _Bucket(rpm)
+                wait = state.requests.seconds_until(rpm, 1)
+                if wait > 0:
+                    raise RateLimited(f"Rate limit reached: requests per minute (limit {int(rpm)}); retry in {math.ceil(wait)} s.",
+                                      math.ceil(wait), "rate_limit_exceeded")
+                state.requests.take(1)
+            state.in_flight += 1
+        return Ticket(self, tenant_id)
+
+    def _release(self, tenant_id: int, tokens: int) -> None:
+        with self._lock:
+            state = self._tenants.get(tenant_id)
+            if state is None:
+                return
+            state.in_flight -= 1
+            if state.tokens is not None and tokens:
+                state.tokens.take(tokens)
+
+    def forget(self, tenant_id: int) -> None:
+        """Drop a deleted tenant's state."""
+        with self._lock:
+            self._tenants.pop(tenant_id, None)

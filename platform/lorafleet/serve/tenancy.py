@@ -1,0 +1,396 @@
+"""What the ingress knows about callers: API keys, what each may call, quotas, and adapter management.
+
+:class:`Tenancy` lives in every ingress replica. It answers four questions per request:
+
+* who is calling (``Authorization: Bearer <key>``): a tenant, the admin, or nobody
+  (allowed only with ``tenancy.allow_anonymous``) - 401 otherwise;
+* what the request's ``model`` names for that caller: the base (if the tenant may call it),
+  a shared adapter of the config file, or one of the tenant's own adapters. Names are
+  scoped per tenant; ``<tenant>/<name>`` spells the scope out. Anything else - including
+  another tenant's adapter - is the same 404 as a name that does not exist;
+* whether the tenant is within its quotas (429 with ``Retry-After``);
+* for ``/v1/adapters``: register, replace, pin and delete the tenant's adapters. Addressing
+  another tenant's adapter there is 403, whether or not it exists. Changes to one name are
+  serialised (a lock per name here, compare-and-set in the registry across replicas);
+  different names proceed in parallel. Every source is fetched and validated
+  (``lorafleet.serve.validation``) before the registry records it, so the engine only
+  ever sees checked adapters.
+
+Routing reads a :class:`~lorafleet.serve.registry.RegistryView` refreshed every
+``tenancy.poll_interval_s``; a write through this replica applies here at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from lorafleet.serve.adapters import AdapterError, AdapterStore, check_source
+from lorafleet.serve.config import AdapterSource, ServeConfig
+from lorafleet.serve.protocol import OpenAIError, bad_request
+from lorafleet.serve.quotas import QuotaLimiter, RateLimited, Ticket
+from lorafleet.serve.registry import QUOTA_FIELDS, AdapterRecord, AdapterVersion, Registry, RegistryError, RegistryView, Tenant, merge_quotas
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: a tenant, or nobody (anonymous)."""
+
+    tenant: Optional[Tenant]
+
+    @property
+    def label(self) -> str:
+        return self.tenant.name if self.tenant else "anonymous"
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a request's ``model`` resolved to for its caller."""
+
+    kind: str  # "base" | "shared" | "tenant"
+    model: str  # the name as the caller wrote it
+    record: Optional[AdapterRecord] = None
+    tenant_name: Optional[str] = None
+
+    @property
+    def multiplexed_id(self) -> Optional[str]:
+        if self.kind == "shared":
+            return self.model
+        if self.kind == "tenant":
+            return f"lora-{self.record.lora_id}"
+        return None
+
+    @property
+    def metrics_label(self) -> str:
+        return f"{self.tenant_name}/{self.record.name}" if self.kind == "tenant" else self.model
+
+    def ref(self) -> Optional[dict]:
+        if self.kind != "tenant":
+            return None
+        return {**self.record.ref(), "display": self.metrics_label}
+
+
+def unauthorized(message: str) -> OpenAIError:
+    return OpenAIError(401, message, "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(message: str, code: str = "forbidden") -> OpenAIError:
+    return OpenAIError(403, message, "invalid_request_error", None, code)
+
+
+def not_found(model: str) -> OpenAIError:
+    return OpenAIError(404, f"The model `{model}` does not exist or you do not have access to it. GET /v1/models lists yours.",
+                       "invalid_request_error", "model", "model_not_found")
+
+
+def registry_error(exc: RegistryError) -> OpenAIError:
+    return OpenAIError(exc.status, exc.message, "invalid_request_error", None, exc.code)
+
+
+def adapter_error(exc: AdapterError) -> OpenAIError:
+    return OpenAIError(getattr(exc, "status", 422), str(exc), "invalid_request_error", "source", getattr(exc, "code", "invalid_adapter"))
+
+
+class Tenancy:
+    """Authentication, routing, quotas and adapter management of one ingress replica."""
+
+    def __init__(self, cfg: ServeConfig, store: Optional[AdapterStore] = None):
+        self.cfg = cfg
+        self.admin_digest = cfg.tenancy.admin_digest()
+        self.registry = Registry(cfg.registry_url())
+        self.view = RegistryView(self.registry)
+        self.store = store or AdapterStore(cfg)
+        self.limiter = QuotaLimiter(cfg.deployment.ingress_replicas)
+        self.shared = [a.name for a in cfg.adapters]
+        self._locks: dict[tuple[int, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._used: dict[tuple[int, str], float] = {}
+        self._poller: Optional[asyncio.Task] = None
+
+    # ------------------------------------------------------------------ background
+
+    def start(self) -> None:
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.tenancy.poll_interval_s)
+            try:
+                await asyncio.to_thread(self.view.refresh)
+                used, self._used = self._used, {}
+                await asyncio.to_thread(self.registry.touch, used)
+            except Exception as exc:  # noqa: BLE001 - a registry outage must not kill the ingress; retried next tick
+                log.warning("registry poll failed (retrying): %r", exc)
+
+    async def changed(self) -> None:
+        """Apply a write made through this replica to its view at once."""
+        await asyncio.to_thread(self.view.refresh, True)
+
+    # ------------------------------------------------------------------ callers
+
+    def is_admin(self, authorization: Optional[str]) -> bool:
+        key = _bearer(authorization)
+        return bool(key and self.admin_digest and hmac.compare_digest(hashlib.sha256(key.encode()).hexdigest(), self.admin_digest))
+
+    async def caller(self, authorization: Optional[str]) -> Caller:
+        """The tenant behind the request's key; anonymous when allowed; else 401 (403 for the admin key)."""
+        if authorization is None:
+            if self.cfg.tenancy.allow_anonymous:
+                return Caller(None)
+            raise unauthorized("Missing API key: send `Authorization: Bearer <key>` (keys come from `lorafleet tenants create`).")
+        key = _bearer(authorization)
+        if key is None:
+            raise unauthorized("Malformed Authorization header: expected `Bearer <key>`.")
+        tenant = self.view.snapshot.authenticate(key)
+        if tenant is None:
+            tenant = await asyncio.to_thread(self.view.authenticate, key)
+        if tenant is None:
+            if self.is_admin(authorization):
+                raise forbidden("The admin key manages tenants (/admin/...); call models and adapters with a tenant's key.", "admin_key_not_allowed")
+            raise unauthorized("Incorrect API key provided (unknown or revoked).")
+        return Caller(tenant)
+
+    def require_admin(self, authorization: Optional[str]) -> None:
+        if not self.admin_digest:
+            raise forbidden("The admin API is disabled: no admin key is configured (tenancy.admin_key_env / admin_key_sha256). "
+                            "Manage tenants with `lorafleet tenants` on a machine that reaches the registry.", "admin_api_disabled")
+        if _bearer(authorization) is None:
+            raise unauthorized("Missing admin key: send `Authorization: Bearer <admin key>`.")
+        if not self.is_admin(authorization):
+            raise forbidden("This key is not the admin key.", "not_admin")
+
+    # ------------------------------------------------------------------ routing
+
+    def visible_models(self, caller: Caller) -> list[str]:
+        names = []
+        if caller.tenant is None or caller.tenant.allow_base:
+            names.append(self.cfg.base_model_name)
+        if caller.tenant is None or self.cfg.tenancy.share_config_adapters:
+            names += self.shared
+        if caller.tenant is not None:
+            names += [a.name for a in self.view.adapters(caller.tenant.id)]
+        return names
+
+    def _own_name(self, caller: Caller, name: str) -> Optional[str]:
+        """``name`` in the caller's own scope (``<tenant>/`` prefix removed), or None if it names another scope."""
+        if "/" not in name:
+            return name
+        scope, _, rest = name.partition("/")
+        return rest if caller.tenant is not None and scope == caller.tenant.name and "/" not in rest else None
+
+    async def route(self, caller: Caller, model: str) -> Route:
+        """What ``model`` is for this caller (404 if it does not exist *for them*; 403 for a base they may not call)."""
+        if model == self.cfg.base_model_name:
+            if caller.tenant is not None and not caller.tenant.allow_base:
+                raise forbidden(f"This key's tenant may not call the base model `{model}`; call one of its adapters.", "base_not_allowed")
+            return Route("base", model)
+        if caller.tenant is not None:
+            own = self._own_name(caller, model)
+            if own is not None:
+                record = self.view.snapshot.adapters.get((caller.tenant.id, own))
+                if record is None:
+                    record = await asyncio.to_thread(self.view.adapter, caller.tenant.id, own)
+                if record is not None:
+                    self._used[(caller.tenant.id, own)] = time.time()
+                    return Route("tenant", model, record, caller.tenant.name)
+        if model in self.shared and (caller.tenant is None or self.cfg.tenancy.share_config_adapters):
+            return Route("shared", model)
+        raise not_found(model)
+
+    def admit(self, caller: Caller) -> Optional[Ticket]:
+        """A quota ticket for the tenant (None for anonymous callers), or 429 with Retry-After."""
+        if caller.tenant is None:
+            return None
+        try:
+            return self.limiter.admit(caller.tenant.id, merge_quotas(caller.tenant, self.cfg.tenancy.quotas.model_dump()))
+        except RateLimited as exc:
+            raise OpenAIError(429, exc.message, "rate_limit_error", None, exc.code, {"Retry-After": str(exc.retry_after_s)}) from None
+
+    # ------------------------------------------------------------------ adapter management (tenants)
+
+    def _manager(self, caller: Caller) -> Tenant:
+        if caller.tenant is None:
+            raise unauthorized("Managing adapters needs a tenant's API key.")
+        return caller.tenant
+
+    def _managed_name(self, caller: Caller, name: str) -> str:
+        own = self._own_name(caller, name)
+        if own is None:
+            raise forbidden(f"`{name}` is not in your namespace: a key manages only its own tenant's adapters.", "not_your_adapter")
+        return own
+
+    def _check_new_name(self, name: str) -> None:
+        try:
+            AdapterSource(name=name, source="models:/x/1")
+        except Exception:  # noqa: BLE001 - pydantic's message is long; say it plainly
+            raise bad_request(f"Invalid adapter name {name!r}: letters, digits and `._:-`, starting with a letter or digit, at most 128 characters.",
+                              "name", "invalid_name") from None
+        if name == self.cfg.base_model_name or name in self.shared:
+            raise OpenAIError(409, f"`{name}` is the name of the base model or of a shared adapter of this server; choose another name.",
+                              "invalid_request_error", "name", "name_reserved")
+
+    async def _fetch(self, tenant: Tenant, name: str, source: Any) -> AdapterVersion:
+        if not isinstance(source, str) or not source:
+            raise bad_request("`source` must be a string: models:/<name>/<version>, models:/<name>@<alias> or an absolute local folder.", "source")
+        try:
+            check_source(source)
+            folder, digest, info = await asyncio.to_thread(self.store.fetch, f"{tenant.name}/{name}", source)
+        except AdapterError as exc:
+            raise adapter_error(exc) from None
+        return AdapterVersion(source, str(folder), digest, info.rank, info.size_bytes)
+
+    async def register(self, caller: Caller, body: Any) -> dict:
+        tenant = self._manager(caller)
+        body = _object(body, {"name", "source", "pin"})
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise bad_request("`name` is required: the name clients will put in `model`.", "name")
+        self._check_new_name(name)
+        async with self._locks[(tenant.id, name)]:
+            if await asyncio.to_thread(self.registry.adapter, tenant.id, name) is not None:
+                raise OpenAIError(409, f"An adapter named `{name}` already exists; replace it with PUT /v1/adapters/{name}.",
+                                  "invalid_request_error", "name", "adapter_exists")
+            version = await self._fetch(tenant, name, body.get("source"))
+            quotas = merge_quotas(tenant, self.cfg.tenancy.quotas.model_dump())
+            try:
+                record = await asyncio.to_thread(self.registry.add_adapter, tenant.id, name, version, pinned=bool(body.get("pin")),
+                                                 max_adapters=quotas["max_adapters"], max_pinned=self.cfg.max_pinned)
+            except RegistryError as exc:
+                raise registry_error(exc) from None
+            await self.changed()
+        log.info("tenant %s registered adapter %s v%d from %s", tenant.name, name, record.version, record.source)
+        return await self.describe(record, tenant)
+
+    async def replace(self, caller: Caller, name: str, body: Any) -> dict:
+        tenant = self._manager(caller)
+        name = self._managed_name(caller, name)
+        body = _object(body, {"source", "pin", "expected_version"})
+        async with self._locks[(tenant.id, name)]:
+            if await asyncio.to_thread(self.registry.adapter, tenant.id, name) is None:
+                raise OpenAIError(404, f"No adapter named `{name}`; register it with POST /v1/adapters.", "invalid_request_error", None, "adapter_not_found")
+            version = await self._fetch(tenant, name, body.get("source"))
+            try:
+                _, record = await asyncio.to_thread(self.registry.replace_adapter, tenant.id, name, version,
+                                                    expected_version=body.get("expected_version"), pinned=body.get("pin"),
+                                                    max_pinned=self.cfg.max_pinned)
+            except RegistryError as exc:
+                raise registry_error(exc) from None
+            await self.changed()
+        log.info("tenant %s replaced adapter %s -> v%d from %s", tenant.name, name, record.version, record.source)
+        return await self.describe(record, tenant)
+
+    async def set_pin(self, caller: Caller, name: str, body: Any) -> dict:
+        tenant = self._manager(caller)
+        name = self._managed_name(caller, name)
+        body = _object(body, {"pin"})
+        if not isinstance(body.get("pin"), bool):
+            raise bad_request("`pin` (true or false) is required.", "pin")
+        async with self._locks[(tenant.id, name)]:
+            try:
+                record = await asyncio.to_thread(self.registry.set_pinned, tenant.id, name, body["pin"], self.cfg.max_pinned)
+            except RegistryError as exc:
+                raise registry_error(exc) from None
+            await self.changed()
+        return await self.describe(record, tenant)
+
+    async def delete(self, caller: Caller, name: str) -> dict:
+        tenant = self._manager(caller)
+        name = self._managed_name(caller, name)
+        async with self._locks[(tenant.id, name)]:
+            try:
+                record = await asyncio.to_thread(self.registry.delete_adapter, tenant.id, name)
+            except RegistryError as exc:
+                raise registry_error(exc) from None
+            await self.changed()
+        log.info("tenant %s deleted adapter %s (v%d)", tenant.name, name, record.version)
+        return {"id": name, "object": "adapter", "deleted": True, "version": record.version}
+
+    async def get(self, caller: Caller, name: str) -> dict:
+        tenant = self._manager(caller)
+        own = self._own_name(caller, name)
+        record = await asyncio.to_thread(self.registry.adapter, tenant.id, own) if own is not None else None
+        if record is None:
+            raise OpenAIError(404, f"No adapter named `{name}` among yours.", "invalid_request_error", None, "adapter_not_found")
+        return await self.describe(record, tenant)
+
+    async def list(self, caller: Caller) -> dict:
+        tenant = self._manager(caller)
+        records = await asyncio.to_thread(self.registry.adapters, tenant.id)
+        states = await self._replica_states()
+        return {"object": "list", "data": [self._describe(r, tenant.name, states) for r in records]}
+
+    async def _replica_states(self) -> dict:
+        max_age = max(15.0, 5 * self.cfg.tenancy.poll_interval_s)
+        return await asyncio.to_thread(self.registry.replica_states, max_age)
+
+    async def describe(self, record: AdapterRecord, tenant: Tenant) -> dict:
+        return self._describe(record, tenant.name, await self._replica_states())
+
+    @staticmethod
+    def _describe(record: AdapterRecord, owner: str, states: dict) -> dict:
+        """The adapter as /v1/adapters shows it. Per replica (as its engine last published):
+        ``active`` (pinned in a GPU slot, or running requests now) or ``loaded`` (in vLLM's
+        host-memory cache); overall the most advanced of those, else ``registered``."""
+        replicas = {}
+        for replica, state in states.items():
+            if record.lora_id in state.get("pinned", []) or record.lora_id in state.get("in_flight", []):
+                replicas[replica] = "active"
+            elif record.lora_id in state.get("cpu", []):
+                replicas[replica] = "loaded"
+        overall = "active" if "active" in replicas.values() else "loaded" if replicas else "registered"
+        return {"id": record.name, "object": "adapter", "owner": owner, "version": record.version, "lora_id": record.lora_id, "source": record.source,
+                "rank": record.rank, "size_bytes": record.size_bytes, "sha256": record.content_hash, "pinned": record.pinned,
+                "state": overall, "replicas": replicas, "created_at": record.created_at, "updated_at": record.updated_at,
+                "last_used_at": record.last_used_at}
+
+    # ------------------------------------------------------------------ admin
+
+    async def admin(self, op: str, *args) -> Any:
+        """Run a registry operation for the admin API (errors become OpenAI-shaped 4xx)."""
+        try:
+            result = await asyncio.to_thread(getattr(self.registry, op), *args)
+        except RegistryError as exc:
+            raise registry_error(exc) from None
+        await self.changed()
+        return result
+
+    async def create_tenant(self, body: Any) -> dict:
+        body = _object(body, {"name", "allow_base", "quotas", "key_label"})
+        quotas = body.get("quotas") or {}
+        if not isinstance(quotas, dict):
+            raise bad_request(f"`quotas` must be an object with any of {list(QUOTA_FIELDS)}.", "quotas")
+        allow_base = body.get("allow_base", self.cfg.tenancy.allow_base)
+        tenant, key = await self.admin("create_tenant", body.get("name"), bool(allow_base), quotas, body.get("key_label"))
+        return {"tenant": tenant.public(), "api_key": {"id": key.id, "key": key.secret}}
+
+    async def list_tenants(self) -> dict:
+        rows = await asyncio.to_thread(self.registry.list_tenants)
+        return {"object": "list", "data": [{**t.public(), "adapters": n, "keys": [k.public() for k in keys]} for t, keys, n in rows]}
+
+    async def update_tenant(self, name: str, body: Any) -> dict:
+        body = _object(body, {"allow_base", "quotas"})
+        return (await self.admin("update_tenant", name, body.get("allow_base"), body.get("quotas"))).public()
+
+
+def _bearer(authorization: Optional[str]) -> Optional[str]:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    return (value.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _object(body: Any, allowed: set[str]) -> dict:
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad_request(f"Unknown field(s) {unknown}; allowed: {sorted(allowed)}.", unknown[0])
+    return body
