@@ -17,7 +17,7 @@ import warnings
 import httpx
 import pytest
 
-from serve_helpers import APP, BASE, LOCAL_ADAPTERS, MAX_MODEL_LEN, MAX_NEW_TOKENS, TOKEN_CAP, near_tie
+from serve_helpers import ADMIN_KEY, APP, BASE, LOCAL_ADAPTERS, MAX_MODEL_LEN, MAX_NEW_TOKENS, TOKEN_CAP, near_tie
 
 pytestmark = pytest.mark.slow
 
@@ -230,9 +230,14 @@ def test_sampling_parameters_are_honoured(http, served, serve_assets):
 
 
 def test_official_openai_client(served, serve_assets):
+    """The openai client always sends a key: a tenant's (created through the admin API), calling the shared adapters."""
     import openai
 
-    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    created = httpx.post(f"{served.url}/admin/tenants", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, json={"name": "openai-client"})
+    assert created.status_code == 201, created.text
+    with pytest.raises(openai.AuthenticationError):  # a made-up key is refused, even where anonymous calls are allowed
+        openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=created.json()["api_key"]["key"], max_retries=0, timeout=120)
     assert {m.id for m in client.models.list()} >= {BASE, "alpha", "delta"}
     prompt = serve_assets.prompts[2]
     c = client.completions.create(model="gamma", prompt=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0)

@@ -86,9 +86,11 @@ def forbidden(message: str, code: str = "forbidden") -> OpenAIError:
     return OpenAIError(403, message, "invalid_request_error", None, code)
 
 
-def not_found(model: str) -> OpenAIError:
-    return OpenAIError(404, f"The model `{model}` does not exist or you do not have access to it. GET /v1/models lists yours.",
-                       "invalid_request_error", "model", "model_not_found")
+def not_found(model: str, visible: list[str]) -> OpenAIError:
+    """The same answer for a name that does not exist and for one the caller may not see (only the caller's models are listed)."""
+    shown = ", ".join(visible[:20]) + (" ..." if len(visible) > 20 else "")
+    return OpenAIError(404, f"The model `{model}` does not exist or you do not have access to it. Yours: {shown or 'none'}. "
+                       "GET /v1/models lists them.", "invalid_request_error", "model", "model_not_found")
 
 
 def registry_error(exc: RegistryError) -> OpenAIError:
@@ -203,7 +205,7 @@ class Tenancy:
                     return Route("tenant", model, record, caller.tenant.name)
         if model in self.shared and (caller.tenant is None or self.cfg.tenancy.share_config_adapters):
             return Route("shared", model)
-        raise not_found(model)
+        raise not_found(model, self.visible_models(caller))
 
     def admit(self, caller: Caller) -> Optional[Ticket]:
         """A quota ticket for the tenant (None for anonymous callers), or 429 with Retry-After."""
