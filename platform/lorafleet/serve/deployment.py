@@ -461,7 +461,7 @@ class OpenAIIngress:
     async def engines(self, request: Request) -> Response:
         """What each live engine replica last published about its adapters (its vLLM worker's own state)."""
         async def work():
-            return {"replicas": await self.tenancy._replica_states()}
+            return {"replicas": await self.tenancy.replica_states()}
         return await self._admin(request, work)
 
     # -- operations

@@ -326,15 +326,15 @@ class Tenancy:
     async def list(self, caller: Caller) -> dict:
         tenant = self._manager(caller)
         records = await asyncio.to_thread(self.registry.adapters, tenant.id)
-        states = await self._replica_states()
+        states = await self.replica_states()
         return {"object": "list", "data": [self._describe(r, tenant.name, states) for r in records]}
 
-    async def _replica_states(self) -> dict:
+    async def replica_states(self) -> dict:
         max_age = max(15.0, 5 * self.cfg.tenancy.poll_interval_s)
         return await asyncio.to_thread(self.registry.replica_states, max_age)
 
     async def describe(self, record: AdapterRecord, tenant: Tenant) -> dict:
-        return self._describe(record, tenant.name, await self._replica_states())
+        return self._describe(record, tenant.name, await self.replica_states())
 
     @staticmethod
     def _describe(record: AdapterRecord, owner: str, states: dict) -> dict:
