@@ -93,11 +93,10 @@ def copy_adapter(serve_assets):
 
 
 @pytest.fixture(scope="session")
-def served(serve_assets, mlflow_adapter, tmp_path_factory):
+def served(serve_assets, mlflow_adapter, tmp_path_factory, ray_cluster):
     """One Ray Serve app for the session: two vLLM engine replicas on the tiny base, the config's
     adapters (three local, one from MLflow under two URIs), anonymous calls allowed, an admin key,
-    and a SQLite tenant registry in a temporary state dir."""
-    import ray
+    and a SQLite tenant registry in a temporary state dir. It runs on the session's one Ray (ray_cluster)."""
     from ray import serve
     from ray.serve.context import _get_global_client
 
@@ -105,9 +104,6 @@ def served(serve_assets, mlflow_adapter, tmp_path_factory):
     from lorafleet.serve.config import ServeConfig
 
     tracking_uri, version_uri, alias_uri = mlflow_adapter
-    started_ray = not ray.is_initialized()
-    if started_ray:  # another module may have started Ray already: reuse it, never shut it down
-        ray.init(num_cpus=8, _node_ip_address="127.0.0.1", log_to_driver=False)
     client = _get_global_client(raise_if_no_controller_running=False)
     started_serve = client is None
     if started_serve:
@@ -133,6 +129,20 @@ def served(serve_assets, mlflow_adapter, tmp_path_factory):
                  "poll_interval_s": 0.5, "max_adapter_bytes": 20 * 2**20},
     )
 
+    closed = []
+
+    def close() -> None:
+        """Delete the app (and Serve, if this fixture started it); idempotent and tolerant of a Ray already gone."""
+        if closed:
+            return
+        closed.append(True)
+        try:
+            serve.delete(APP)
+            if started_serve:
+                serve.shutdown()
+        except Exception as exc:  # noqa: BLE001 - teardown: another fixture may have stopped Ray first
+            print(f"serve app teardown: {exc!r}")
+
     def deploy() -> float:
         started = time.monotonic()
         serve.run(app_from_config(cfg), name=APP, route_prefix=PREFIX)
@@ -145,10 +155,6 @@ def served(serve_assets, mlflow_adapter, tmp_path_factory):
     try:
         startup_s = deploy()
         print(f"\nlorafleet app with 2 vLLM replicas up in {startup_s:.1f}s on port {port}")
-        yield Served(f"http://127.0.0.1:{port}{PREFIX}", cfg, startup_s, defaultdict(set), uploads, outside, restart)
+        yield Served(f"http://127.0.0.1:{port}{PREFIX}", cfg, startup_s, defaultdict(set), uploads, outside, restart, close)
     finally:
-        serve.delete(APP)
-        if started_serve:
-            serve.shutdown()
-        if started_ray:
-            ray.shutdown()
+        close()

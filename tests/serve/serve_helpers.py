@@ -43,6 +43,7 @@ class Served:
     uploads: Path  # an allowed local root tests may write adapters into
     outside: Path  # a folder outside every allowed root
     restart: object = None  # callable: delete and redeploy the app with the same config (same registry)
+    close: object = None  # callable: stop the app early (the last module that needs it does, to free the machine)
 
 
 @dataclass

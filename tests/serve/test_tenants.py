@@ -33,6 +33,9 @@ def auth(tenant: str) -> dict:
 def http(served):
     with httpx.Client(base_url=served.url, timeout=120) as client:
         yield client
+    # The last module that needs the session's app: stop it now, so that the test modules
+    # after this one (training, sweeps) get the machine's CPUs and memory back.
+    served.close()
 
 
 def complete(http, headers: dict, model: str, prompt: str) -> httpx.Response:
