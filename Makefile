@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorafleet-installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast docs clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/pytest tests -q -ra -m "not slow" --timeout=600
+
+# The configuration reference is generated from the pydantic models (a test checks it is current).
+docs: install
+	$(PY) -m lorafleet.config.reference > docs/configuration.md
 
 clean:
 	rm -rf lorafleet-work .pytest_cache
