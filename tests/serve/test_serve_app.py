@@ -79,6 +79,15 @@ def test_models_health_and_readiness(http, served):
     assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
 
 
+def test_the_server_publishes_its_openapi_document(http):
+    spec = http.get("/openapi.json")
+    assert spec.status_code == 200, spec.text
+    paths = spec.json()["paths"]
+    for route in ["/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters", "/v1/adapters/{name}", "/admin/tenants"]:
+        assert route in paths, (route, sorted(paths))
+    assert http.get("/docs").status_code == 200
+
+
 # --------------------------------------------------------------------------- the right adapter answers
 
 
