@@ -7,26 +7,17 @@ Re-running the same sweep name resumes it: finished trials are kept, unfinished 
 from their checkpoints. Prints a results table and the path of result.json.
 """
 
-import argparse
 import logging
 import sys
 
-from lorafleet.config import ConfigError, load_config
+from lorafleet.config.base import job_config
 from lorafleet.config.sweep import SweepConfig
 from lorafleet.tune import run_sweep
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with `sweep:` and `finetune:` sections")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
-    args = parser.parse_args(argv)
+    cfg = job_config(SweepConfig, __doc__, argv, "YAML file with `sweep:` and `finetune:` sections")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(SweepConfig, args.config, args.set)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
     result = run_sweep(cfg)
     best = result["best"]
     if best:

@@ -13,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
@@ -86,7 +88,7 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         where = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the configuration reference in the README)"
+            msg = "unknown key (check the spelling; see docs/configuration.md)"
         value = err.get("input")
         shown = "" if err["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
         out.append(f"{where}: {msg}{shown}")
@@ -122,6 +124,23 @@ def load_config(model: type[M], path: str | Path | None, overrides: Iterable[str
     data = read_yaml(path) if path is not None else dict(base or {})
     data, errors = apply_overrides(data, overrides)
     return validate_config(model, data, str(path) if path else "<overrides>", errors)
+
+
+def job_config(model: type[M], description: str, argv: list[str] | None = None, config_help: str = "YAML file") -> M:
+    """The validated config of a job script (``--config FILE [--set KEY.PATH=VALUE ...]``).
+
+    Every problem is printed to stderr and the script exits with status 2 before anything
+    starts (no Ray, no downloads).
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(model, args.config, args.set)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def dump_config(cfg: BaseModel) -> dict:
