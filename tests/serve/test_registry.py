@@ -109,18 +109,20 @@ def test_concurrent_replacements_of_one_name_serialise(registry):
     assert sorted(outcomes, key=str) == [2, "conflict", "conflict", "conflict"]
 
 
-def test_a_view_sees_changes_by_generation_and_reads_through_on_miss(registry):
+def test_a_view_sees_changes_by_generation_and_tells_which_keys_to_look_up(registry):
     acme, key = registry.create_tenant("acme")
     view = RegistryView(registry)
     other = Registry(registry.url)  # another replica writing
     try:
         late = other.create_key("acme")
-        assert view.authenticate(late.secret).name == "acme"  # not in the snapshot yet: read through
+        assert view.snapshot.authenticate(late.secret) is None and view.unknown_key(late.secret)  # only the store knows it yet
+        assert registry.authenticate(late.secret).name == "acme"
         other.add_adapter(acme.id, "new", version("n"))
-        assert view.adapter(acme.id, "new") is not None
+        assert (acme.id, "new") not in view.snapshot.adapters
         other.revoke_key(key.id)
-        assert view.authenticate(key.secret) is not None  # known key: the snapshot answers until the next poll
-        assert view.refresh() is True and view.authenticate(key.secret) is None
+        assert view.snapshot.authenticate(key.secret) is not None and not view.unknown_key(key.secret)  # known: answered until the poll
+        assert view.refresh() is True and view.snapshot.authenticate(key.secret) is None
+        assert not view.unknown_key(late.secret) and view.snapshot.adapters[(acme.id, "new")].name == "new"
         assert view.refresh() is False  # nothing moved
     finally:
         other.close()

@@ -264,7 +264,7 @@ def test_replace_under_load_never_fails_and_answers_with_the_admitted_version(se
 # --------------------------------------------------------------------------- hostile adapters
 
 
-def _hostile(served, serve_assets, tmp_path) -> dict[str, tuple[str, int, str]]:
+def _hostile(served, serve_assets) -> dict[str, tuple[str, int, str]]:
     """name -> (source, expected status, expected code)."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -308,9 +308,9 @@ def _hostile(served, serve_assets, tmp_path) -> dict[str, tuple[str, int, str]]:
     }
 
 
-def test_hostile_adapters_are_refused_and_nothing_else_is_affected(http, served, serve_assets, tmp_path):
+def test_hostile_adapters_are_refused_and_nothing_else_is_affected(http, served, serve_assets):
     prompt = serve_assets.prompts[0]
-    for name, (source, status, code) in _hostile(served, serve_assets, tmp_path).items():
+    for name, (source, status, code) in _hostile(served, serve_assets).items():
         err = error(http.post("/v1/adapters", headers=auth("acme"), json={"name": f"bad-{name}", "source": source}), status, code)
         assert err["param"] == "source", (name, err)
         # replacing a good adapter with a bad source fails the same way and keeps the good version

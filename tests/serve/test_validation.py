@@ -29,10 +29,6 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 DELETE = object()  # config value meaning "remove this key"
 
 
-def _build_base(out: Path, hidden_size: int, intermediate_size: int) -> Path:
-    return build_untrained_base(out, hidden_size, intermediate_size)
-
-
 def _save_adapter(base: Path, out: Path, **lora) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -45,8 +41,8 @@ def _save_adapter(base: Path, out: Path, **lora) -> Path:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("validation")
-    tiny = _build_base(root / "bases" / "tiny", hidden_size=64, intermediate_size=128)
-    wide = _build_base(root / "bases" / "wide", hidden_size=128, intermediate_size=256)
+    tiny = build_untrained_base(root / "bases" / "tiny", hidden_size=64, intermediate_size=128)
+    wide = build_untrained_base(root / "bases" / "wide", hidden_size=128, intermediate_size=256)
     targets = ["q_proj", "v_proj"]
     return {
         "tiny": tiny,

@@ -38,14 +38,13 @@ from pathlib import Path
 from typing import Optional
 
 from lorafleet.config.train import TrackingConfig, default_work_dir
-from lorafleet.serve.config import AdapterSource, ServeConfig
+from lorafleet.serve.config import AdapterSource, ServeConfig, source_problem
 
 log = logging.getLogger(__name__)
 
 # The adapter that stands for "no adapter" where the engine needs one (see engine.py).
 BASE_STAND_IN_NAME = "__lorafleet_base__"
 _NUMERIC_VERSION = re.compile(r"^models:/[^/@]+/\d+/?$")
-_MODELS_URI = re.compile(r"^models:/[^/@]+(/[^/]+|@[^/]+)/?$")
 
 
 class AdapterError(ValueError):
@@ -112,17 +111,14 @@ def inside_roots(path: Path, roots: list[str]) -> bool:
 
 
 def check_source(source: str) -> str:
-    """Refuse source strings that are neither a registry URI nor an absolute local path."""
+    """Refuse runtime sources that are neither a registry URI nor an absolute local path (400)."""
     from lorafleet.serve.validation import AdapterRefused
 
-    if source.startswith("models:"):
-        if not _MODELS_URI.match(source):
-            raise AdapterRefused(f"source {source!r}: an MLflow source must look like models:/<name>/<version> or models:/<name>@<alias>", 400, "invalid_source")
-        return source
-    if "://" in source:
-        raise AdapterRefused(f"source {source!r}: only MLflow registry URIs (models:/...) and local folders are accepted", 400, "invalid_source")
-    if not Path(source).is_absolute():
-        raise AdapterRefused(f"source {source!r}: a local source must be an absolute path inside one of the server's allowed roots", 400, "invalid_source")
+    problem = source_problem(source)
+    if problem is None and not source.startswith("models:") and not Path(source).is_absolute():
+        problem = "a local source must be an absolute path inside one of the server's allowed roots"
+    if problem:
+        raise AdapterRefused(f"source {source!r}: {problem}", 400, "invalid_source")
     return source
 
 

@@ -35,6 +35,22 @@ _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _MODELS_URI = re.compile(r"^models:/[^/@]+(/[^/]+|@[^/]+)/?$")
 
 
+def adapter_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot name an adapter (None when it can): the one rule for config and runtime adapters."""
+    if not _ADAPTER_NAME.match(name):
+        return "adapter name must start with a letter or digit and contain only letters, digits and `._:-` (at most 128 characters)"
+    return None
+
+
+def source_problem(source: str) -> Optional[str]:
+    """Why ``source`` is not an adapter source (None when it is): ``models:/...`` or a local folder."""
+    if source.startswith("models:") and not _MODELS_URI.match(source):
+        return "an MLflow source must look like models:/<name>/<version> or models:/<name>@<alias>"
+    if "://" in source and not source.startswith("models:"):
+        return "sources are MLflow registry URIs (models:/...) or local folders; other URI schemes are not supported"
+    return None
+
+
 class EngineSettings(StrictModel):
     """vLLM engine arguments (``vllm.engine.arg_utils.AsyncEngineArgs``) this server exposes.
 
@@ -96,17 +112,17 @@ class AdapterSource(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _ADAPTER_NAME.match(v):
-            raise ValueError("adapter name must start with a letter or digit and contain only letters, digits and `._:-` (at most 128 characters)")
+        problem = adapter_name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        if v.startswith("models:") and not _MODELS_URI.match(v):
-            raise ValueError("an MLflow source must look like models:/<name>/<version> or models:/<name>@<alias>")
-        if "://" in v and not v.startswith("models:"):
-            raise ValueError("sources are MLflow registry URIs (models:/...) or local folders; other URI schemes are not supported")
+        problem = source_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @property

@@ -24,7 +24,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Optional
+from collections import OrderedDict
+from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-lorafleet-replica"
 ADAPTER_VERSION_HEADER = "x-lorafleet-adapter-version"
+MAX_REMEMBERED_REFS = 4096
 
 
 # --------------------------------------------------------------------------- engine
@@ -61,7 +63,9 @@ class EngineDeployment:
         self.core = await AdapterEngine.start(self.cfg, replica)
         self.registry = await asyncio.to_thread(Registry, self.cfg.registry_url())
         self.view = await asyncio.to_thread(RegistryView, self.registry)
-        self._refs: dict[str, dict] = {}  # multiplexed id of a runtime adapter version -> its ref (set before loading)
+        # multiplexed id of a runtime adapter version -> its ref, set just before loading; the most
+        # recent ones only (a long-running replica sees every version ever registered)
+        self._refs: OrderedDict[str, dict] = OrderedDict()
         slots = self.cfg.engine.max_cpu_loras or self.cfg.engine.max_loras
 
         async def load_adapter(model_id: str) -> Adapter:
@@ -71,10 +75,9 @@ class EngineDeployment:
                 ref = self._refs[model_id]
                 adapter = Adapter(ref["display"], ref["source"], ref["lora_id"], ref["path"], ref["content_hash"])
                 return await asyncio.to_thread(self.core.catalog.store.ensure_local, adapter)
-            except AdapterError as exc:
-                status = getattr(exc, "status", 500)
-                raise OpenAIError(status if status < 500 else 500, f"The adapter `{model_id}` could not be prepared: {exc}",
-                                  "server_error" if status >= 500 else "invalid_request_error", "model", "adapter_load_failed") from None
+            except AdapterError as exc:  # e.g. another node's copy changed since registration (409)
+                raise OpenAIError(exc.status, f"The adapter `{model_id}` could not be prepared: {exc}", "invalid_request_error",
+                                  "model", "adapter_load_failed") from None
 
         # Serve's multiplexed cache mirrors vLLM's host-memory LRU (same capacity, same order
         # of use), so what this replica reports to the router is what vLLM most likely holds.
@@ -99,7 +102,7 @@ class EngineDeployment:
         from lorafleet.serve.slots import engine_lora_state
 
         snapshot = self.view.snapshot
-        live = snapshot.live_lora_ids | {self.core.catalog.lora_id(n) for n in self.core.catalog.names}
+        live = set(snapshot.live_lora_ids) | {self.core.catalog.lora_id(n) for n in self.core.catalog.names}
         if self.core.base_stand_in is not None:
             live.add(self.core.base_stand_in.lora_id)
         pinned = {}
@@ -117,13 +120,6 @@ class EngineDeployment:
             await asyncio.to_thread(self.registry.publish_replica_state, self.core.replica, state)
             self._published, self._published_at = key, time.monotonic()
 
-    async def engine_state(self) -> dict:
-        """This replica's adapter state as its vLLM worker reports it (diagnostics and tests)."""
-        from lorafleet.serve.slots import engine_lora_state
-
-        return {"replica": self.core.replica, **(await engine_lora_state(self.core.engine) or {}),
-                "in_flight": sorted(self.core.slots.in_flight), "pinned": sorted(self.core.slots.pinned)}
-
     # -- requests
 
     async def _adapter_for(self, model: str, ref: Optional[dict]) -> Optional[Adapter]:
@@ -134,6 +130,9 @@ class EngineDeployment:
                 await asyncio.to_thread(self.view.refresh)
             key = f"lora-{ref['lora_id']}"
             self._refs[key] = ref
+            self._refs.move_to_end(key)
+            if len(self._refs) > MAX_REMEMBERED_REFS:
+                self._refs.popitem(last=False)
             self.core.adapter_names[ref["lora_id"]] = ref["display"]
             return await self._adapter(key)
         if model == self.cfg.base_model_name:
@@ -180,7 +179,7 @@ api = FastAPI(title="lorafleet", description="OpenAI-compatible multi-LoRA serve
 
 
 def _error_response(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=getattr(exc, "headers", None) or None)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
 
 @api.exception_handler(OpenAIError)
@@ -374,95 +373,84 @@ class OpenAIIngress:
             return {"object": "list", "data": cards}
         return await self._json(work)
 
-    # -- adapter management (a tenant's own adapters)
+    # -- adapter management (a tenant's own adapters) and admin (tenants and keys; the admin key only)
+
+    async def _body(self, request: Request, body: Union[bool, str]) -> tuple:
+        """The JSON body as an extra argument when the route takes one (``"optional"``: None when empty)."""
+        if not body:
+            return ()
+        if body == "optional" and request.headers.get("content-length") in (None, "0"):
+            return (None,)
+        return (await self._read_json(request),)
+
+    async def _tenant_call(self, request: Request, op, *args, body: Union[bool, str] = False, status: int = 200) -> Response:
+        """``op(caller, *args[, body])`` for the tenant behind the request's key."""
+        async def work():
+            caller = await self._caller(request)
+            return await op(caller, *args, *(await self._body(request, body)))
+        return await self._json(work, status)
+
+    async def _admin_call(self, request: Request, op, *args, body: Union[bool, str] = False, status: int = 200) -> Response:
+        """``op(*args[, body])`` after checking the admin key."""
+        async def work():
+            self.tenancy.require_admin(request.headers.get("authorization"))
+            return await op(*args, *(await self._body(request, body)))
+        return await self._json(work, status)
 
     @api.get("/v1/adapters")
     async def list_adapters(self, request: Request) -> Response:
-        return await self._json(lambda: self._with_caller(request, self.tenancy.list))
+        return await self._tenant_call(request, self.tenancy.list)
 
     @api.post("/v1/adapters")
     async def register_adapter(self, request: Request) -> Response:
-        async def work():
-            caller = await self._caller(request)
-            return await self.tenancy.register(caller, await self._read_json(request))
-        return await self._json(work, 201)
+        return await self._tenant_call(request, self.tenancy.register, body=True, status=201)
 
     @api.get("/v1/adapters/{name:path}")
     async def get_adapter(self, name: str, request: Request) -> Response:
-        return await self._json(lambda: self._with_caller(request, self.tenancy.get, name))
+        return await self._tenant_call(request, self.tenancy.get, name)
 
     @api.put("/v1/adapters/{name:path}")
     async def replace_adapter(self, name: str, request: Request) -> Response:
-        async def work():
-            caller = await self._caller(request)
-            return await self.tenancy.replace(caller, name, await self._read_json(request))
-        return await self._json(work)
+        return await self._tenant_call(request, self.tenancy.replace, name, body=True)
 
     @api.patch("/v1/adapters/{name:path}")
     async def pin_adapter(self, name: str, request: Request) -> Response:
-        async def work():
-            caller = await self._caller(request)
-            return await self.tenancy.set_pin(caller, name, await self._read_json(request))
-        return await self._json(work)
+        return await self._tenant_call(request, self.tenancy.set_pin, name, body=True)
 
     @api.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request) -> Response:
-        return await self._json(lambda: self._with_caller(request, self.tenancy.delete, name))
-
-    async def _with_caller(self, request: Request, op, *args):
-        return await op(await self._caller(request), *args)
-
-    # -- admin (tenants and keys; the admin key only)
-
-    async def _admin(self, request: Request, work, status: int = 200) -> Response:
-        async def run():
-            self.tenancy.require_admin(request.headers.get("authorization"))
-            return await work()
-        return await self._json(run, status)
+        return await self._tenant_call(request, self.tenancy.delete, name)
 
     @api.post("/admin/tenants")
     async def create_tenant(self, request: Request) -> Response:
-        async def work():
-            return await self.tenancy.create_tenant(await self._read_json(request))
-        return await self._admin(request, work, 201)
+        return await self._admin_call(request, self.tenancy.create_tenant, body=True, status=201)
 
     @api.get("/admin/tenants")
     async def list_tenants(self, request: Request) -> Response:
-        return await self._admin(request, self.tenancy.list_tenants)
+        return await self._admin_call(request, self.tenancy.list_tenants)
 
     @api.patch("/admin/tenants/{tenant}")
     async def update_tenant(self, tenant: str, request: Request) -> Response:
-        async def work():
-            return await self.tenancy.update_tenant(tenant, await self._read_json(request))
-        return await self._admin(request, work)
+        return await self._admin_call(request, self.tenancy.update_tenant, tenant, body=True)
 
     @api.delete("/admin/tenants/{tenant}")
     async def delete_tenant(self, tenant: str, request: Request) -> Response:
-        async def work():
-            adapters = await self.tenancy.admin("delete_tenant", tenant)
-            return {"id": tenant, "object": "tenant", "deleted": True, "adapters_deleted": [a.name for a in adapters]}
-        return await self._admin(request, work)
+        return await self._admin_call(request, self.tenancy.delete_tenant, tenant)
 
     @api.post("/admin/tenants/{tenant}/keys")
     async def create_key(self, tenant: str, request: Request) -> Response:
-        async def work():
-            body = await self._read_json(request) if request.headers.get("content-length") not in (None, "0") else {}
-            key = await self.tenancy.admin("create_key", tenant, (body or {}).get("label"))
-            return {"id": key.id, "key": key.secret}
-        return await self._admin(request, work, 201)
+        return await self._admin_call(request, self.tenancy.create_key, tenant, body="optional", status=201)
 
     @api.delete("/admin/tenants/{tenant}/keys/{key_id}")
     async def revoke_key(self, tenant: str, key_id: str, request: Request) -> Response:
-        async def work():
-            return (await self.tenancy.admin("revoke_key", key_id, tenant)).public()
-        return await self._admin(request, work)
+        return await self._admin_call(request, self.tenancy.revoke_key, tenant, key_id)
 
     @api.get("/admin/engines")
     async def engines(self, request: Request) -> Response:
-        """What each live engine replica last published about its adapters (its vLLM worker's own state)."""
-        async def work():
+        """What each live engine replica last published about its adapters (vLLM's own list_loras, pins, in flight)."""
+        async def states():
             return {"replicas": await self.tenancy.replica_states()}
-        return await self._admin(request, work)
+        return await self._admin_call(request, states)
 
     # -- operations
 

@@ -35,6 +35,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -568,9 +569,9 @@ class Snapshot:
             return None
         return self.tenants.get(key.tenant_id)
 
-    @property
-    def live_lora_ids(self) -> set[int]:
-        return {a.lora_id for a in self.adapters.values()}
+    @cached_property
+    def live_lora_ids(self) -> frozenset[int]:
+        return frozenset(a.lora_id for a in self.adapters.values())
 
     def pinned(self) -> list[AdapterRecord]:
         return [a for a in self.adapters.values() if a.pinned]
@@ -581,9 +582,10 @@ class RegistryView:
 
     ``refresh()`` costs one small query when nothing changed. Callers poll it every
     ``tenancy.poll_interval_s``; a change made through this process is applied at once
-    (``refresh(force=True)`` after the write). Lookups that miss the snapshot (a key or an
-    adapter created a moment ago through another replica) read through to the store, so
-    only *changes* to things a replica already knows wait for the next poll.
+    (``refresh(force=True)`` after the write). Callers read through to the store on a miss
+    (a key or an adapter created a moment ago through another replica: see
+    :meth:`unknown_key`), so only *changes* to things a replica already knows wait for the
+    next poll.
     """
 
     def __init__(self, registry: Registry):
@@ -599,20 +601,10 @@ class RegistryView:
             self.snapshot = self.registry.snapshot()
             return True
 
-    def authenticate(self, secret: str) -> Optional[Tenant]:
-        tenant = self.snapshot.authenticate(secret)
-        if tenant is not None:
-            return tenant
+    def unknown_key(self, secret: str) -> bool:
+        """A well-formed key whose id the snapshot does not know (only such a key is worth asking the store about)."""
         key_id = parse_key(secret)
-        if key_id is None or key_id in self.snapshot.keys:
-            return None  # malformed, or known and revoked/wrong: no need to ask the store
-        return self.registry.authenticate(secret)
-
-    def adapter(self, tenant_id: int, name: str) -> Optional[AdapterRecord]:
-        record = self.snapshot.adapters.get((tenant_id, name))
-        if record is not None:
-            return record
-        return self.registry.adapter(tenant_id, name)
+        return key_id is not None and key_id not in self.snapshot.keys
 
     def adapters(self, tenant_id: int) -> list[AdapterRecord]:
         return sorted((a for (t, _), a in self.snapshot.adapters.items() if t == tenant_id), key=lambda a: a.name)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lorafleet.serve.adapters import AdapterError, AdapterStore, check_source
-from lorafleet.serve.config import AdapterSource, ServeConfig
+from lorafleet.serve.config import ServeConfig, adapter_name_problem
 from lorafleet.serve.protocol import OpenAIError, bad_request
 from lorafleet.serve.quotas import QuotaLimiter, RateLimited, Ticket
 from lorafleet.serve.registry import QUOTA_FIELDS, AdapterRecord, AdapterVersion, Registry, RegistryError, RegistryView, Tenant, merge_quotas
@@ -98,7 +98,7 @@ def registry_error(exc: RegistryError) -> OpenAIError:
 
 
 def adapter_error(exc: AdapterError) -> OpenAIError:
-    return OpenAIError(getattr(exc, "status", 422), str(exc), "invalid_request_error", "source", getattr(exc, "code", "invalid_adapter"))
+    return OpenAIError(exc.status, str(exc), "invalid_request_error", "source", exc.code)
 
 
 class Tenancy:
@@ -112,6 +112,7 @@ class Tenancy:
         self.store = store or AdapterStore(cfg)
         self.limiter = QuotaLimiter(cfg.deployment.ingress_replicas)
         self.shared = [a.name for a in cfg.adapters]
+        self._default_quotas = cfg.tenancy.quotas.model_dump()
         self._locks: dict[tuple[int, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._used: dict[tuple[int, str], float] = {}
         self._poller: Optional[asyncio.Task] = None
@@ -152,8 +153,8 @@ class Tenancy:
         if key is None:
             raise unauthorized("Malformed Authorization header: expected `Bearer <key>`.")
         tenant = self.view.snapshot.authenticate(key)
-        if tenant is None:
-            tenant = await asyncio.to_thread(self.view.authenticate, key)
+        if tenant is None and self.view.unknown_key(key):  # created a moment ago elsewhere: ask the store
+            tenant = await asyncio.to_thread(self.registry.authenticate, key)
         if tenant is None:
             if self.is_admin(authorization):
                 raise forbidden("The admin key manages tenants (/admin/...); call models and adapters with a tenant's key.", "admin_key_not_allowed")
@@ -198,8 +199,8 @@ class Tenancy:
             own = self._own_name(caller, model)
             if own is not None:
                 record = self.view.snapshot.adapters.get((caller.tenant.id, own))
-                if record is None:
-                    record = await asyncio.to_thread(self.view.adapter, caller.tenant.id, own)
+                if record is None:  # registered a moment ago through another replica?
+                    record = await asyncio.to_thread(self.registry.adapter, caller.tenant.id, own)
                 if record is not None:
                     self._used[(caller.tenant.id, own)] = time.time()
                     return Route("tenant", model, record, caller.tenant.name)
@@ -207,12 +208,16 @@ class Tenancy:
             return Route("shared", model)
         raise not_found(model, self.visible_models(caller))
 
+    def quotas(self, tenant: Tenant) -> dict:
+        """The tenant's effective quotas (its own over the config's defaults)."""
+        return merge_quotas(tenant, self._default_quotas)
+
     def admit(self, caller: Caller) -> Optional[Ticket]:
         """A quota ticket for the tenant (None for anonymous callers), or 429 with Retry-After."""
         if caller.tenant is None:
             return None
         try:
-            return self.limiter.admit(caller.tenant.id, merge_quotas(caller.tenant, self.cfg.tenancy.quotas.model_dump()))
+            return self.limiter.admit(caller.tenant.id, self.quotas(caller.tenant))
         except RateLimited as exc:
             raise OpenAIError(429, exc.message, "rate_limit_error", None, exc.code, {"Retry-After": str(exc.retry_after_s)}) from None
 
@@ -230,11 +235,9 @@ class Tenancy:
         return own
 
     def _check_new_name(self, name: str) -> None:
-        try:
-            AdapterSource(name=name, source="models:/x/1")
-        except Exception:  # noqa: BLE001 - pydantic's message is long; say it plainly
-            raise bad_request(f"Invalid adapter name {name!r}: letters, digits and `._:-`, starting with a letter or digit, at most 128 characters.",
-                              "name", "invalid_name") from None
+        problem = adapter_name_problem(name)
+        if problem:
+            raise bad_request(f"Invalid adapter name {name!r}: {problem}.", "name", "invalid_name")
         if name == self.cfg.base_model_name or name in self.shared:
             raise OpenAIError(409, f"`{name}` is the name of the base model or of a shared adapter of this server; choose another name.",
                               "invalid_request_error", "name", "name_reserved")
@@ -249,6 +252,16 @@ class Tenancy:
             raise adapter_error(exc) from None
         return AdapterVersion(source, str(folder), digest, info.rank, info.size_bytes)
 
+    async def write(self, op, *args, **kwargs) -> Any:
+        """Run one registry write (a bound ``Registry`` method) off the event loop; its errors become
+        OpenAI-shaped 4xx, and this replica's view applies the change at once."""
+        try:
+            result = await asyncio.to_thread(op, *args, **kwargs)
+        except RegistryError as exc:
+            raise registry_error(exc) from None
+        await self.changed()
+        return result
+
     async def register(self, caller: Caller, body: Any) -> dict:
         tenant = self._manager(caller)
         body = _object(body, {"name", "source", "pin"})
@@ -257,17 +270,12 @@ class Tenancy:
             raise bad_request("`name` is required: the name clients will put in `model`.", "name")
         self._check_new_name(name)
         async with self._locks[(tenant.id, name)]:
-            if await asyncio.to_thread(self.registry.adapter, tenant.id, name) is not None:
+            if await asyncio.to_thread(self.registry.adapter, tenant.id, name) is not None:  # before the (slow) fetch
                 raise OpenAIError(409, f"An adapter named `{name}` already exists; replace it with PUT /v1/adapters/{name}.",
                                   "invalid_request_error", "name", "adapter_exists")
             version = await self._fetch(tenant, name, body.get("source"))
-            quotas = merge_quotas(tenant, self.cfg.tenancy.quotas.model_dump())
-            try:
-                record = await asyncio.to_thread(self.registry.add_adapter, tenant.id, name, version, pinned=bool(body.get("pin")),
-                                                 max_adapters=quotas["max_adapters"], max_pinned=self.cfg.max_pinned)
-            except RegistryError as exc:
-                raise registry_error(exc) from None
-            await self.changed()
+            record = await self.write(self.registry.add_adapter, tenant.id, name, version, pinned=bool(body.get("pin")),
+                                      max_adapters=self.quotas(tenant)["max_adapters"], max_pinned=self.cfg.max_pinned)
         log.info("tenant %s registered adapter %s v%d from %s", tenant.name, name, record.version, record.source)
         return await self.describe(record, tenant)
 
@@ -276,16 +284,11 @@ class Tenancy:
         name = self._managed_name(caller, name)
         body = _object(body, {"source", "pin", "expected_version"})
         async with self._locks[(tenant.id, name)]:
-            if await asyncio.to_thread(self.registry.adapter, tenant.id, name) is None:
+            if await asyncio.to_thread(self.registry.adapter, tenant.id, name) is None:  # before the (slow) fetch
                 raise OpenAIError(404, f"No adapter named `{name}`; register it with POST /v1/adapters.", "invalid_request_error", None, "adapter_not_found")
             version = await self._fetch(tenant, name, body.get("source"))
-            try:
-                _, record = await asyncio.to_thread(self.registry.replace_adapter, tenant.id, name, version,
-                                                    expected_version=body.get("expected_version"), pinned=body.get("pin"),
-                                                    max_pinned=self.cfg.max_pinned)
-            except RegistryError as exc:
-                raise registry_error(exc) from None
-            await self.changed()
+            _, record = await self.write(self.registry.replace_adapter, tenant.id, name, version, expected_version=body.get("expected_version"),
+                                         pinned=body.get("pin"), max_pinned=self.cfg.max_pinned)
         log.info("tenant %s replaced adapter %s -> v%d from %s", tenant.name, name, record.version, record.source)
         return await self.describe(record, tenant)
 
@@ -296,22 +299,14 @@ class Tenancy:
         if not isinstance(body.get("pin"), bool):
             raise bad_request("`pin` (true or false) is required.", "pin")
         async with self._locks[(tenant.id, name)]:
-            try:
-                record = await asyncio.to_thread(self.registry.set_pinned, tenant.id, name, body["pin"], self.cfg.max_pinned)
-            except RegistryError as exc:
-                raise registry_error(exc) from None
-            await self.changed()
+            record = await self.write(self.registry.set_pinned, tenant.id, name, body["pin"], self.cfg.max_pinned)
         return await self.describe(record, tenant)
 
     async def delete(self, caller: Caller, name: str) -> dict:
         tenant = self._manager(caller)
         name = self._managed_name(caller, name)
         async with self._locks[(tenant.id, name)]:
-            try:
-                record = await asyncio.to_thread(self.registry.delete_adapter, tenant.id, name)
-            except RegistryError as exc:
-                raise registry_error(exc) from None
-            await self.changed()
+            record = await self.write(self.registry.delete_adapter, tenant.id, name)
         log.info("tenant %s deleted adapter %s (v%d)", tenant.name, name, record.version)
         return {"id": name, "object": "adapter", "deleted": True, "version": record.version}
 
@@ -355,22 +350,13 @@ class Tenancy:
 
     # ------------------------------------------------------------------ admin
 
-    async def admin(self, op: str, *args) -> Any:
-        """Run a registry operation for the admin API (errors become OpenAI-shaped 4xx)."""
-        try:
-            result = await asyncio.to_thread(getattr(self.registry, op), *args)
-        except RegistryError as exc:
-            raise registry_error(exc) from None
-        await self.changed()
-        return result
-
     async def create_tenant(self, body: Any) -> dict:
         body = _object(body, {"name", "allow_base", "quotas", "key_label"})
         quotas = body.get("quotas") or {}
         if not isinstance(quotas, dict):
             raise bad_request(f"`quotas` must be an object with any of {list(QUOTA_FIELDS)}.", "quotas")
         allow_base = body.get("allow_base", self.cfg.tenancy.allow_base)
-        tenant, key = await self.admin("create_tenant", body.get("name"), bool(allow_base), quotas, body.get("key_label"))
+        tenant, key = await self.write(self.registry.create_tenant, body.get("name"), bool(allow_base), quotas, body.get("key_label"))
         return {"tenant": tenant.public(), "api_key": {"id": key.id, "key": key.secret}}
 
     async def list_tenants(self) -> dict:
@@ -379,7 +365,19 @@ class Tenancy:
 
     async def update_tenant(self, name: str, body: Any) -> dict:
         body = _object(body, {"allow_base", "quotas"})
-        return (await self.admin("update_tenant", name, body.get("allow_base"), body.get("quotas"))).public()
+        return (await self.write(self.registry.update_tenant, name, body.get("allow_base"), body.get("quotas"))).public()
+
+    async def delete_tenant(self, name: str) -> dict:
+        adapters = await self.write(self.registry.delete_tenant, name)
+        return {"id": name, "object": "tenant", "deleted": True, "adapters_deleted": [a.name for a in adapters]}
+
+    async def create_key(self, tenant: str, body: Any) -> dict:
+        label = _object(body, {"label"}).get("label") if body is not None else None
+        key = await self.write(self.registry.create_key, tenant, label)
+        return {"id": key.id, "key": key.secret}
+
+    async def revoke_key(self, tenant: str, key_id: str) -> dict:
+        return (await self.write(self.registry.revoke_key, key_id, tenant)).public()
 
 
 def _bearer(authorization: Optional[str]) -> Optional[str]:
