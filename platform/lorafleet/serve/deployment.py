@@ -175,7 +175,20 @@ class EngineDeployment:
 
 # --------------------------------------------------------------------------- ingress
 
-api = FastAPI(title="lorafleet", description="OpenAI-compatible multi-LoRA server (lorafleet).")
+api = FastAPI(title="lorafleet", description="OpenAI-compatible multi-LoRA server (lorafleet): completions and chat over one base "
+              "model and many LoRA adapters, per-tenant adapter management with hot-swap, tenant administration.")
+
+
+def _openapi() -> dict:
+    """FastAPI's document completed with the request bodies and auth (lorafleet.serve.openapi), built once."""
+    if api.openapi_schema is None:
+        from lorafleet.serve.openapi import build_openapi
+
+        api.openapi_schema = build_openapi(api)
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 def _error_response(exc: OpenAIError) -> JSONResponse:
@@ -401,7 +414,7 @@ class OpenAIIngress:
     async def list_adapters(self, request: Request) -> Response:
         return await self._tenant_call(request, self.tenancy.list)
 
-    @api.post("/v1/adapters")
+    @api.post("/v1/adapters", status_code=201)
     async def register_adapter(self, request: Request) -> Response:
         return await self._tenant_call(request, self.tenancy.register, body=True, status=201)
 
@@ -421,7 +434,7 @@ class OpenAIIngress:
     async def delete_adapter(self, name: str, request: Request) -> Response:
         return await self._tenant_call(request, self.tenancy.delete, name)
 
-    @api.post("/admin/tenants")
+    @api.post("/admin/tenants", status_code=201)
     async def create_tenant(self, request: Request) -> Response:
         return await self._admin_call(request, self.tenancy.create_tenant, body=True, status=201)
 
@@ -437,7 +450,7 @@ class OpenAIIngress:
     async def delete_tenant(self, tenant: str, request: Request) -> Response:
         return await self._admin_call(request, self.tenancy.delete_tenant, tenant)
 
-    @api.post("/admin/tenants/{tenant}/keys")
+    @api.post("/admin/tenants/{tenant}/keys", status_code=201)
     async def create_key(self, tenant: str, request: Request) -> Response:
         return await self._admin_call(request, self.tenancy.create_key, tenant, body="optional", status=201)
 

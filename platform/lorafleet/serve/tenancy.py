@@ -39,6 +39,38 @@ from lorafleet.serve.registry import QUOTA_FIELDS, AdapterRecord, AdapterVersion
 
 log = logging.getLogger(__name__)
 
+_QUOTAS_SCHEMA = {"type": "object", "additionalProperties": False,
+                  "properties": {f: {"type": ["integer", "null"], "minimum": 0} for f in QUOTA_FIELDS},
+                  "description": "Per-tenant quotas; a missing or null field uses the server's `tenancy.quotas` default."}
+# The JSON bodies of the management routes: body name -> field -> (JSON schema, description).
+# Tenancy accepts exactly these fields (anything else is a 400), and the server's OpenAPI
+# document (lorafleet.serve.openapi) describes them from here.
+BODIES: dict[str, dict[str, tuple[dict, str]]] = {
+    "AdapterRegister": {
+        "name": ({"type": "string"}, "The name clients put in `model`; unique within the tenant."),
+        "source": ({"type": "string"}, "`models:/name/version`, `models:/name@alias` (MLflow registry) or an absolute folder inside the server's `allowed_local_roots`."),
+        "pin": ({"type": "boolean", "default": False}, "Keep the adapter in a GPU slot (never evicted)."),
+    },
+    "AdapterReplace": {
+        "source": ({"type": "string"}, "The new version's source (as for registration)."),
+        "pin": ({"type": ["boolean", "null"]}, "Change the pin with the replace; null keeps it."),
+        "expected_version": ({"type": ["integer", "null"]}, "Compare-and-set: refuse (409 version_conflict) unless this is the live version."),
+    },
+    "AdapterPin": {"pin": ({"type": "boolean"}, "Pin (true) or unpin (false).")},
+    "TenantCreate": {
+        "name": ({"type": "string"}, "Tenant name: letters, digits, `-`, `_`."),
+        "allow_base": ({"type": "boolean"}, "May call the base model (default: `tenancy.allow_base`)."),
+        "quotas": (_QUOTAS_SCHEMA, "Quotas of this tenant."),
+        "key_label": ({"type": ["string", "null"]}, "A label for the first API key."),
+    },
+    "TenantUpdate": {
+        "allow_base": ({"type": ["boolean", "null"]}, "May call the base model; null keeps it."),
+        "quotas": (_QUOTAS_SCHEMA, "Quota fields to change (null resets one to the server default)."),
+    },
+    "KeyCreate": {"label": ({"type": ["string", "null"]}, "A label for the key.")},
+}
+REQUIRED_FIELDS = {"AdapterRegister": ["name", "source"], "AdapterReplace": ["source"], "AdapterPin": ["pin"], "TenantCreate": ["name"]}
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -264,7 +296,7 @@ class Tenancy:
 
     async def register(self, caller: Caller, body: Any) -> dict:
         tenant = self._manager(caller)
-        body = _object(body, {"name", "source", "pin"})
+        body = _object(body, BODIES["AdapterRegister"])
         name = body.get("name")
         if not isinstance(name, str):
             raise bad_request("`name` is required: the name clients will put in `model`.", "name")
@@ -282,7 +314,7 @@ class Tenancy:
     async def replace(self, caller: Caller, name: str, body: Any) -> dict:
         tenant = self._manager(caller)
         name = self._managed_name(caller, name)
-        body = _object(body, {"source", "pin", "expected_version"})
+        body = _object(body, BODIES["AdapterReplace"])
         async with self._locks[(tenant.id, name)]:
             if await asyncio.to_thread(self.registry.adapter, tenant.id, name) is None:  # before the (slow) fetch
                 raise OpenAIError(404, f"No adapter named `{name}`; register it with POST /v1/adapters.", "invalid_request_error", None, "adapter_not_found")
@@ -295,7 +327,7 @@ class Tenancy:
     async def set_pin(self, caller: Caller, name: str, body: Any) -> dict:
         tenant = self._manager(caller)
         name = self._managed_name(caller, name)
-        body = _object(body, {"pin"})
+        body = _object(body, BODIES["AdapterPin"])
         if not isinstance(body.get("pin"), bool):
             raise bad_request("`pin` (true or false) is required.", "pin")
         async with self._locks[(tenant.id, name)]:
@@ -351,7 +383,7 @@ class Tenancy:
     # ------------------------------------------------------------------ admin
 
     async def create_tenant(self, body: Any) -> dict:
-        body = _object(body, {"name", "allow_base", "quotas", "key_label"})
+        body = _object(body, BODIES["TenantCreate"])
         quotas = body.get("quotas") or {}
         if not isinstance(quotas, dict):
             raise bad_request(f"`quotas` must be an object with any of {list(QUOTA_FIELDS)}.", "quotas")
@@ -364,7 +396,7 @@ class Tenancy:
         return {"object": "list", "data": [{**t.public(), "adapters": n, "keys": [k.public() for k in keys]} for t, keys, n in rows]}
 
     async def update_tenant(self, name: str, body: Any) -> dict:
-        body = _object(body, {"allow_base", "quotas"})
+        body = _object(body, BODIES["TenantUpdate"])
         return (await self.write(self.registry.update_tenant, name, body.get("allow_base"), body.get("quotas"))).public()
 
     async def delete_tenant(self, name: str) -> dict:
@@ -372,7 +404,7 @@ class Tenancy:
         return {"id": name, "object": "tenant", "deleted": True, "adapters_deleted": [a.name for a in adapters]}
 
     async def create_key(self, tenant: str, body: Any) -> dict:
-        label = _object(body, {"label"}).get("label") if body is not None else None
+        label = _object(body, BODIES["KeyCreate"]).get("label") if body is not None else None
         key = await self.write(self.registry.create_key, tenant, label)
         return {"id": key.id, "key": key.secret}
 
@@ -387,10 +419,10 @@ def _bearer(authorization: Optional[str]) -> Optional[str]:
     return (value.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def _object(body: Any, allowed: set[str]) -> dict:
+def _object(body: Any, allowed) -> dict:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    unknown = sorted(set(body) - allowed)
+    unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise bad_request(f"Unknown field(s) {unknown}; allowed: {sorted(allowed)}.", unknown[0])
     return body

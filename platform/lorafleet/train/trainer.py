@@ -58,7 +58,11 @@ def ensure_ray(num_cpus_needed: float) -> None:
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")}
     os.environ.update(env)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        # Under `ray job submit` Ray refuses a driver runtime env that repeats an env var of the
+        # job's own (--runtime-env-json): pass on only what the job does not set itself.
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
+        env = {k: v for k, v in env.items() if k not in job_env}
+        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
     else:
         # Loopback only: a local cluster is not reachable from other hosts.
         ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed) + 2), _node_ip_address="127.0.0.1",
@@ -207,6 +211,7 @@ def _finalise(cfg, result, run_id, data, tags, out: Path, started: float) -> dic
         "registered_model": None,
         "registered_version": None,
         "elapsed_s": round(time.time() - started, 1),
+        "history": state.history,  # rank 0's metrics at every logging / evaluation step
     }
     if run_id:
         from lorafleet.tracking import finish_run, register_adapter

@@ -1,0 +1,90 @@
+"""The server's OpenAPI document: FastAPI's routes plus what FastAPI cannot see.
+
+The routes read their JSON bodies themselves (size limits, OpenAI-shaped errors), so FastAPI
+alone would publish no request schemas. This adds them: the completions and chat requests
+from their pydantic models (``lorafleet.serve.protocol``), the management bodies from the
+field table Tenancy validates against (``lorafleet.serve.tenancy.BODIES``), the error shape,
+and bearer authentication. The running server publishes the result at ``/openapi.json``
+(``/docs`` renders it); ``make docs`` commits a copy as ``docs/openapi.json``::
+
+    python -m lorafleet.serve.openapi > docs/openapi.json
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+REF = "#/components/schemas/{model}"
+PUBLIC = ("/health", "/ready", "/metrics")
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+    "description": "OpenAI's error shape; `code` names the case (invalid_api_key, model_not_found, context_length_exceeded, "
+                   "adapter_exists, version_conflict, rate_limit_exceeded, overloaded, ...). README: Serve / errors.",
+}
+
+
+def _bodies() -> dict[tuple[str, str], tuple[str, bool]]:
+    """(path, method) -> (schema name, required)."""
+    return {
+        ("/v1/completions", "post"): ("CompletionRequest", True),
+        ("/v1/chat/completions", "post"): ("ChatCompletionRequest", True),
+        ("/v1/adapters", "post"): ("AdapterRegister", True),
+        ("/v1/adapters/{name}", "put"): ("AdapterReplace", True),
+        ("/v1/adapters/{name}", "patch"): ("AdapterPin", True),
+        ("/admin/tenants", "post"): ("TenantCreate", True),
+        ("/admin/tenants/{tenant}", "patch"): ("TenantUpdate", True),
+        ("/admin/tenants/{tenant}/keys", "post"): ("KeyCreate", False),
+    }
+
+
+def build_openapi(app) -> dict[str, Any]:
+    """The complete document for the FastAPI ``app`` of :mod:`lorafleet.serve.deployment`."""
+    from fastapi.openapi.utils import get_openapi
+
+    import lorafleet
+    from lorafleet.serve.protocol import ChatCompletionRequest, CompletionRequest
+    from lorafleet.serve.tenancy import BODIES, REQUIRED_FIELDS
+
+    doc = get_openapi(title=app.title, version=lorafleet.__version__, description=app.description, routes=app.routes)
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for model in (CompletionRequest, ChatCompletionRequest):
+        schema = model.model_json_schema(ref_template=REF)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    for name, fields in BODIES.items():
+        schemas[name] = {"type": "object", "additionalProperties": False, "required": REQUIRED_FIELDS.get(name, []),
+                         "properties": {f: {**schema, "description": text} for f, (schema, text) in fields.items()}}
+    schemas["Error"] = ERROR_SCHEMA
+    components["securitySchemes"] = {"bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "A tenant's API key (`lfk_...`; model and /v1/adapters routes) or the admin key (/admin routes)."}}
+    error = {"description": "Error (OpenAI shape)", "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
+    for (path, method), (name, required) in _bodies().items():
+        doc["paths"][path][method]["requestBody"] = {
+            "required": required, "content": {"application/json": {"schema": {"$ref": REF.format(model=name)}}}}
+    for path, operations in doc["paths"].items():
+        for op in operations.values():
+            op["responses"].pop("422", None)  # FastAPI's own validation error shape is never returned
+            op["responses"]["4XX"] = error
+            op["responses"]["5XX"] = error
+            if path not in PUBLIC:
+                op["security"] = [{"bearer": []}]
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    return doc
+
+
+def main() -> int:
+    from lorafleet.serve.deployment import api
+
+    print(json.dumps(api.openapi(), indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
