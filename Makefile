@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorafleet-installed
 
-.PHONY: install demo test test-fast docs clean
+.PHONY: install demo test test-fast bench docs clean
 
 install: $(STAMP)
 
@@ -29,9 +29,20 @@ test: install
 test-fast: install
 	$(VENV)/bin/pytest tests -q -ra -m "not slow" --timeout=600
 
-# The configuration reference is generated from the pydantic models (a test checks it is current).
+# Benchmarks (not part of `make test`): each prints JSON lines and a table and writes
+# benchmarks/results/<name>.json; summary.py collects them into benchmarks/results/SUMMARY.md.
+bench: install
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/serve_throughput.py
+	$(PY) benchmarks/adapter_scaling.py
+	$(PY) benchmarks/hot_swap.py
+	$(PY) benchmarks/summary.py
+
+# The configuration reference and the HTTP API's OpenAPI document are generated from the code
+# (tests check that the committed copies are current).
 docs: install
 	$(PY) -m lorafleet.config.reference > docs/configuration.md
+	$(PY) -m lorafleet.serve.openapi > docs/openapi.json
 
 clean:
 	rm -rf lorafleet-work .pytest_cache

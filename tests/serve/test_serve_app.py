@@ -368,3 +368,21 @@ def test_any_replica_serves_any_adapter(http, served, serve_assets):
     if had_alpha == {victim}:  # alpha had only ever been on the victim: `other` loaded it now
         assert other not in had_alpha
     assert_matches_offline(serve_assets, "alpha", prompt, r.json()["choices"][0]["text"])
+
+
+def test_an_idle_server_does_not_keep_its_engines_busy(http, served):
+    """After traffic stops, the engine replicas go quiet. (The registry sync once asked vLLM for
+    its adapters every second; each such RPC makes vLLM's worker busy-poll for a second, so an
+    idle replica burned a whole core, and on a shared machine it stole that core from others.)"""
+    import psutil
+
+    assert complete(http, served, "alpha", "hello there").status_code == 200
+    time.sleep(3)  # past vLLM's one-second busy-poll after its last message
+    engines = [p for p in psutil.process_iter(["name", "cmdline"])
+               if (p.info["name"] or "").startswith("VLLM") or "VLLM::" in " ".join(p.info["cmdline"] or [])]
+    assert engines, "no vLLM engine processes found"
+    for p in engines:
+        p.cpu_percent(None)
+    time.sleep(6)  # several sync ticks (poll_interval_s 0.5 here)
+    busy = {p.pid: p.cpu_percent(None) for p in engines if p.is_running()}
+    assert sum(busy.values()) < 40, f"idle vLLM engine processes use CPU (percent of a core each): {busy}"

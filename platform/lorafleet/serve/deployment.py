@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-lorafleet-replica"
 ADAPTER_VERSION_HEADER = "x-lorafleet-adapter-version"
 MAX_REMEMBERED_REFS = 4096
+ENGINE_STATE_MAX_AGE_S = 30.0  # what vLLM holds is re-read at least this often for /admin/engines and adapter status
 
 
 # --------------------------------------------------------------------------- engine
@@ -84,6 +85,9 @@ class EngineDeployment:
         self._adapter = serve.multiplexed(max_num_models_per_replica=slots)(load_adapter)
         self._published: Optional[tuple] = None
         self._published_at = 0.0
+        self._engine_state: dict = {}
+        self._engine_activity: Optional[tuple] = None
+        self._engine_read_at = 0.0
         self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
 
     # -- the registry
@@ -112,7 +116,14 @@ class EngineDeployment:
             self.core.adapter_names[record.lora_id] = display
             pinned[record.lora_id] = Adapter(display, record.source, record.lora_id, record.path, record.content_hash, True)
         await self.core.slots.sync(live, pinned)
-        state = await engine_lora_state(self.core.engine) or {}
+        # vLLM's own list is read only when it may have changed (requests ended, pins moved) and at
+        # least every ENGINE_STATE_MAX_AGE_S: each read is an RPC after which the engine's worker
+        # busy-polls for a second, so reading it every tick kept an idle replica at 100% of a core.
+        activity = self.core.slots.activity()
+        if activity != self._engine_activity or time.monotonic() - self._engine_read_at > ENGINE_STATE_MAX_AGE_S:
+            self._engine_state = await engine_lora_state(self.core.engine) or {}
+            self._engine_activity, self._engine_read_at = activity, time.monotonic()
+        state = dict(self._engine_state)
         state["in_flight"] = sorted(self.core.slots.in_flight)
         state["pinned"] = sorted(self.core.slots.pinned)
         key = tuple((k, str(v)) for k, v in sorted(state.items()))

@@ -66,6 +66,7 @@ class LoRASlots:
         self._reserved = 0  # pins being set up: their slots are taken before the pin lands
         self._cond = asyncio.Condition()
         self._sync_lock = asyncio.Lock()
+        self.finished = 0  # adapter requests ended so far: what vLLM holds can only change with them (or pins)
 
     def _unpinned_in_flight(self) -> int:
         return sum(1 for lora_id in self.in_flight if lora_id not in self.pinned)
@@ -92,6 +93,7 @@ class LoRASlots:
         finally:
             async with self._cond:
                 self.in_flight[lora_id] -= 1
+                self.finished += 1
                 if not self.in_flight[lora_id]:
                     del self.in_flight[lora_id]
                     self._idle_since[lora_id] = time.monotonic()
@@ -134,9 +136,20 @@ class LoRASlots:
                 self._reserved -= 1
                 self._cond.notify_all()
 
+    def activity(self) -> tuple:
+        """Changes whenever what the engine holds may have changed (a request ended, a pin moved)."""
+        return self.finished, tuple(sorted(self.in_flight)), tuple(sorted(self.pinned))
+
     async def _release_idle(self, live: set[int]) -> None:
         """Remove idle adapters that are retired (not live) or being unpinned; vLLM has no unpin, so an
-        unpinned adapter is removed and loads again, unpinned, on its next request."""
+        unpinned adapter is removed and loads again, unpinned, on its next request.
+
+        The engine is asked what it holds (an RPC to its worker) only when an adapter this replica
+        has run or pinned is retired or being unpinned: a vLLM worker busy-polls for a second after
+        each RPC, so asking on every tick of the sync kept an idle replica's worker at 100% CPU."""
+        known = set(self._idle_since) | set(self.pinned) | set(self.in_flight)
+        if not any(i not in live or i in self._unpinning for i in known):
+            return
         try:
             loaded = set(await self.engine.list_loras())
         except Exception as exc:  # noqa: BLE001

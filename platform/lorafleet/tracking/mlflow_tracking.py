@@ -498,6 +498,17 @@ class MetricsLogger:
 
     # -- public
 
+    def prepare(self) -> None:
+        """Import MLflow and open the store now, before training, instead of in the sender thread
+        during the first steps (on a small machine that import steals the training's CPU). An
+        unreachable store is not an error here: the sender retries as usual."""
+        try:
+            if self._client is None:
+                self._client = _client(self.tracking_uri)
+            self._client.get_run(self.run_id)
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+            log.info("MetricsLogger(run %s): store not reachable yet (%s); metrics are buffered", self.run_id, exc)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record numeric ``metrics`` at optimizer ``step``; non-numeric values are ignored."""
         numeric = {}
