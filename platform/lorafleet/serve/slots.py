@@ -66,7 +66,8 @@ class LoRASlots:
         self._reserved = 0  # pins being set up: their slots are taken before the pin lands
         self._cond = asyncio.Condition()
         self._sync_lock = asyncio.Lock()
-        self.finished = 0  # adapter requests ended so far: what vLLM holds can only change with them (or pins)
+        self.finished = 0  # adapter requests ended so far: what vLLM holds changes only with them,
+        self.removed = 0  # with removals of retired / unpinned adapters, and with pins
 
     def _unpinned_in_flight(self) -> int:
         return sum(1 for lora_id in self.in_flight if lora_id not in self.pinned)
@@ -138,7 +139,7 @@ class LoRASlots:
 
     def activity(self) -> tuple:
         """Changes whenever what the engine holds may have changed (a request ended, a pin moved)."""
-        return self.finished, tuple(sorted(self.in_flight)), tuple(sorted(self.pinned))
+        return self.finished, self.removed, tuple(sorted(self.in_flight)), tuple(sorted(self.pinned))
 
     async def _release_idle(self, live: set[int]) -> None:
         """Remove idle adapters that are retired (not live) or being unpinned; vLLM has no unpin, so an
@@ -164,6 +165,7 @@ class LoRASlots:
                 continue
             if lora_id in loaded:
                 await self.engine.remove_lora(lora_id)
+                self.removed += 1
             async with self._cond:
                 self.pinned.pop(lora_id, None)
                 self._unpinning.discard(lora_id)
