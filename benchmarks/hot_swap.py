@@ -39,14 +39,8 @@ async def unrelated(url: str, prompts: list[str], stop: asyncio.Event, res: Resu
             i = k
             while not stop.is_set():
                 i += clients
-                try:
-                    lat, ttft, tok, _ = await one_request(client, url, {"model": "bystander", "prompt": prompts[i % len(prompts)],
-                                                                        "max_tokens": max_tokens, "temperature": 0})
-                    res.latency.append(lat)
-                    res.ttft.append(ttft)
-                    res.tokens += tok
-                except Exception as exc:  # noqa: BLE001
-                    res.failed.append(repr(exc)[:300])
+                await res.send(client, url, {"model": "bystander", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                                             "temperature": 0})
         started = time.perf_counter()
         await asyncio.gather(*(loop(k) for k in range(clients)))
         res.wall_s = time.perf_counter() - started

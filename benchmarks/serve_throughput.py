@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 
 import psutil
 from pathlib import Path
@@ -50,6 +51,7 @@ def bench_base(work: Path, name: str, a) -> list[dict]:
             stream = request_stream(prompts, models, max(a.min_requests, a.per_client * c), a.max_tokens, seed=c)
             level = {}
             for s in (servers if c % 2 else servers[::-1]):  # alternate who goes first
+                time.sleep(2)  # past vLLM's one-second busy-poll after the previous run
                 idle = psutil.cpu_percent(interval=2)  # both servers idle: anything here would steal from the measurement
                 res = {**asyncio.run(replay(s.url, stream, c)).summary(), "idle_cpu_percent_before": idle}
                 level[s.name.split("-")[0]] = res

@@ -117,6 +117,17 @@ class Result:
     versions: list = field(default_factory=list)
     wall_s: float = 0.0
 
+    async def send(self, client, url: str, body: dict, headers: dict | None = None) -> None:
+        """One streamed request, recorded here (latency, TTFT, tokens) or counted as failed."""
+        try:
+            lat, ttft, tok, _ = await one_request(client, url, body, headers)
+        except Exception as exc:  # noqa: BLE001 - failures are what we count
+            self.failed.append(repr(exc)[:300])
+            return
+        self.latency.append(lat)
+        self.ttft.append(ttft)
+        self.tokens += tok
+
     def summary(self) -> dict:
         n = len(self.latency)
         return {"requests": n + len(self.failed), "failed": len(self.failed), "wall_s": self.wall_s,
@@ -155,14 +166,7 @@ async def replay(url: str, stream: list[dict], concurrency: int, headers: dict |
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         async def worker():
             while queue:
-                body = queue.pop()
-                try:
-                    lat, ttft, tok, _ = await one_request(client, url, body, headers)
-                    res.latency.append(lat)
-                    res.ttft.append(ttft)
-                    res.tokens += tok
-                except Exception as exc:  # noqa: BLE001 - failures are what we count
-                    res.failed.append(repr(exc)[:300])
+                await res.send(client, url, queue.pop(), headers)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

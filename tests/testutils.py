@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,10 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers and clusters the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

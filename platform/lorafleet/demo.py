@@ -226,16 +226,10 @@ def _client(url: str, key: str):
     return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def _read_csv(path: Path) -> list[dict]:
-    import csv
-
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def score(client, model: str, task: str, rows: list[dict], label_column: str, batch: int = 8) -> tuple[float, list[tuple[str, str, str]]]:
-    """Accuracy of ``model`` over ``rows`` through the completions API (8 prompts a request, greedy)."""
-    from lorafleet.data.metrics import normalize_answer
+def score(client, model: str, task: str, rows: list[dict], batch: int = 8) -> tuple[float, list[tuple[str, str, str]]]:
+    """Accuracy of ``model`` over ``rows`` through the completions API (8 prompts a request, greedy),
+    formatted and scored by the same task code as training and ``lorafleet eval``."""
+    from lorafleet.data.metrics import compute_metrics
     from lorafleet.data.tasks import get_task
 
     spec = get_task(task)
@@ -245,22 +239,24 @@ def score(client, model: str, task: str, rows: list[dict], label_column: str, ba
         out = client.completions.create(model=model, prompt=[spec.format_prompt(r) for r in part], max_tokens=16,
                                         temperature=0, stop=["\n"])
         texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
-        answers += [(r["text"], t.strip(), r[label_column]) for r, t in zip(part, texts)]
-    hits = sum(normalize_answer("classification", p) == normalize_answer("classification", ref) for _, p, ref in answers)
-    return hits / max(1, len(answers)), answers
+        answers += [(spec.format_input(r), t.strip(), spec.format_reference(r)) for r, t in zip(part, texts)]
+    accuracy = compute_metrics(spec, [p for _, p, _ in answers], [ref for _, _, ref in answers])["accuracy"]
+    return accuracy, answers
 
 
 def query_tenants(url: str, cfg, keys: dict[str, str], paths: dict[str, Path]) -> dict:
     import httpx
     import openai
 
+    from lorafleet.data.loading import read_rows
+
     acme, globex = _client(url, keys["acme"]), _client(url, keys["globex"])
-    intents, claims = _read_csv(paths["intents_test"]), _read_csv(paths["claims_test"])
+    intents, claims = read_rows(paths["intents_test"]), read_rows(paths["claims_test"])
     results: dict = {}
-    for tenant, client, model, task, rows, col in (("acme", acme, "intent", "banking77", intents, "category"),
-                                                   ("globex", globex, "claims", "classification", claims, "label")):
-        acc, answers = score(client, model, task, rows, col)
-        base_acc, _ = score(client, cfg.served_model_name, task, rows, col)
+    for tenant, client, model, task, rows in (("acme", acme, "intent", "banking77", intents),
+                                              ("globex", globex, "claims", "classification", claims)):
+        acc, answers = score(client, model, task, rows)
+        base_acc, _ = score(client, cfg.served_model_name, task, rows)
         results[tenant] = {"adapter": model, "accuracy": acc, "base_accuracy": base_acc, "examples": len(rows)}
         _say(f"{tenant} / {model}: held-out accuracy {acc:.3f} over {len(rows)} examples (the base alone: {base_acc:.3f})")
         for text, pred, ref in answers[:2]:
@@ -392,13 +388,14 @@ def run(work: Path, sizes: Sizes) -> dict:
     queried = timed("query", query_tenants, url, cfg, keys, paths)
 
     _stage(7, f"hot-swap acme's `intent` to the sweep's best ({best['registered_model']} v{best['registered_version']}) under live traffic")
+    from lorafleet.data.loading import read_rows
     from lorafleet.data.tasks import get_task
 
     spec = get_task("banking77")
-    intents = _read_csv(paths["intents_test"])
+    intents = read_rows(paths["intents_test"])
     swap = timed("hot_swap", hot_swap, url, keys["acme"], "intent", f"models:/{best['registered_model']}/{best['registered_version']}",
                  [spec.format_prompt(r) for r in intents])
-    after, _ = score(_client(url, keys["acme"]), "intent", "banking77", intents, "category")
+    after, _ = score(_client(url, keys["acme"]), "intent", "banking77", intents)
     swap["accuracy_after"] = after
     _say(f"acme / intent now answers with v{swap['to_version']}: held-out accuracy {after:.3f} "
          f"(was {queried['acme']['accuracy']:.3f} with {v1})")

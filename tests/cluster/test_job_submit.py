@@ -19,18 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from testutils import banking_rows, write_rows
+from testutils import banking_rows, free_port, write_rows
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_processes(marker: str) -> list[str]:
@@ -51,12 +43,12 @@ def head_node():
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    dashboard = _free_port()
+    dashboard = free_port()
     cmd = [str(Path(bindir) / "ray"), "start", "--head", "--block", "--temp-dir", temp, "--node-ip-address", "127.0.0.1",
-           "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-           "--dashboard-agent-grpc-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-           "--runtime-env-agent-port", str(_free_port()), "--num-cpus", "4", "--include-dashboard", "true"]
+           "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
+           "--runtime-env-agent-port", str(free_port()), "--num-cpus", "4", "--include-dashboard", "true"]
     log = open(Path(temp) / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"

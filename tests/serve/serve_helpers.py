@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testutils import free_port  # noqa: F401 - re-exported for the serving fixtures
+
 PROMPT_SUFFIX = "\nintent:"
 # adapter name -> the phrase it learns to answer with (each a different continuation)
 TARGETS = {
@@ -24,14 +26,6 @@ BASE = "tiny-base"
 MAX_MODEL_LEN = 256
 TOKEN_CAP = 128
 ADMIN_KEY = "test-admin-key-0123456789"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

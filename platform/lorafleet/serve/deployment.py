@@ -86,7 +86,7 @@ class EngineDeployment:
         self._published: Optional[tuple] = None
         self._published_at = 0.0
         self._engine_state: dict = {}
-        self._engine_activity: Optional[tuple] = None
+        self._engine_changes = -1
         self._engine_read_at = 0.0
         self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
 
@@ -116,13 +116,13 @@ class EngineDeployment:
             self.core.adapter_names[record.lora_id] = display
             pinned[record.lora_id] = Adapter(display, record.source, record.lora_id, record.path, record.content_hash, True)
         await self.core.slots.sync(live, pinned)
-        # vLLM's own list is read only when it may have changed (requests ended, pins moved) and at
-        # least every ENGINE_STATE_MAX_AGE_S: each read is an RPC after which the engine's worker
+        # vLLM's own list is read only when it may have changed (LoRASlots.changes) and at least
+        # every ENGINE_STATE_MAX_AGE_S: each read is an RPC after which the engine's worker
         # busy-polls for a second, so reading it every tick kept an idle replica at 100% of a core.
-        activity = self.core.slots.activity()
-        if activity != self._engine_activity or time.monotonic() - self._engine_read_at > ENGINE_STATE_MAX_AGE_S:
+        changes = self.core.slots.changes
+        if changes != self._engine_changes or time.monotonic() - self._engine_read_at > ENGINE_STATE_MAX_AGE_S:
             self._engine_state = await engine_lora_state(self.core.engine) or {}
-            self._engine_activity, self._engine_read_at = activity, time.monotonic()
+            self._engine_changes, self._engine_read_at = changes, time.monotonic()
         state = dict(self._engine_state)
         state["in_flight"] = sorted(self.core.slots.in_flight)
         state["pinned"] = sorted(self.core.slots.pinned)

@@ -27,18 +27,17 @@ ERROR_SCHEMA = {
 }
 
 
-def _bodies() -> dict[tuple[str, str], tuple[str, bool]]:
-    """(path, method) -> (schema name, required)."""
-    return {
-        ("/v1/completions", "post"): ("CompletionRequest", True),
-        ("/v1/chat/completions", "post"): ("ChatCompletionRequest", True),
-        ("/v1/adapters", "post"): ("AdapterRegister", True),
-        ("/v1/adapters/{name}", "put"): ("AdapterReplace", True),
-        ("/v1/adapters/{name}", "patch"): ("AdapterPin", True),
-        ("/admin/tenants", "post"): ("TenantCreate", True),
-        ("/admin/tenants/{tenant}", "patch"): ("TenantUpdate", True),
-        ("/admin/tenants/{tenant}/keys", "post"): ("KeyCreate", False),
-    }
+# (path, method) -> (request body schema, required)
+ROUTE_BODIES = {
+    ("/v1/completions", "post"): ("CompletionRequest", True),
+    ("/v1/chat/completions", "post"): ("ChatCompletionRequest", True),
+    ("/v1/adapters", "post"): ("AdapterRegister", True),
+    ("/v1/adapters/{name}", "put"): ("AdapterReplace", True),
+    ("/v1/adapters/{name}", "patch"): ("AdapterPin", True),
+    ("/admin/tenants", "post"): ("TenantCreate", True),
+    ("/admin/tenants/{tenant}", "patch"): ("TenantUpdate", True),
+    ("/admin/tenants/{tenant}/keys", "post"): ("KeyCreate", False),
+}
 
 
 def build_openapi(app) -> dict[str, Any]:
@@ -64,7 +63,7 @@ def build_openapi(app) -> dict[str, Any]:
         "type": "http", "scheme": "bearer",
         "description": "A tenant's API key (`lfk_...`; model and /v1/adapters routes) or the admin key (/admin routes)."}}
     error = {"description": "Error (OpenAI shape)", "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
-    for (path, method), (name, required) in _bodies().items():
+    for (path, method), (name, required) in ROUTE_BODIES.items():
         doc["paths"][path][method]["requestBody"] = {
             "required": required, "content": {"application/json": {"schema": {"$ref": REF.format(model=name)}}}}
     for path, operations in doc["paths"].items():

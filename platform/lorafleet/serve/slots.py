@@ -66,8 +66,9 @@ class LoRASlots:
         self._reserved = 0  # pins being set up: their slots are taken before the pin lands
         self._cond = asyncio.Condition()
         self._sync_lock = asyncio.Lock()
-        self.finished = 0  # adapter requests ended so far: what vLLM holds changes only with them,
-        self.removed = 0  # with removals of retired / unpinned adapters, and with pins
+        # Bumped whenever what vLLM holds may change: an adapter request starts or ends, a pin is
+        # set, an adapter is removed. Equal values mean there is no need to ask the engine again.
+        self.changes = 0
 
     def _unpinned_in_flight(self) -> int:
         return sum(1 for lora_id in self.in_flight if lora_id not in self.pinned)
@@ -89,12 +90,13 @@ class LoRASlots:
             await self._cond.wait_for(lambda: self._can_enter(lora_id))
             self.in_flight[lora_id] = self.in_flight.get(lora_id, 0) + 1
             self._idle_since.pop(lora_id, None)
+            self.changes += 1
         try:
             yield
         finally:
             async with self._cond:
                 self.in_flight[lora_id] -= 1
-                self.finished += 1
+                self.changes += 1
                 if not self.in_flight[lora_id]:
                     del self.in_flight[lora_id]
                     self._idle_since[lora_id] = time.monotonic()
@@ -129,6 +131,7 @@ class LoRASlots:
             await self.engine.add_lora(local.lora_request())
             await self.engine.pin_lora(local.lora_id)
             self.pinned[local.lora_id] = local
+            self.changes += 1
             log.info("pinned adapter %s (lora id %d)", adapter.name, adapter.lora_id)
         except Exception as exc:  # noqa: BLE001 - a pin that cannot be set must not stop the sync
             log.error("pinning adapter %s failed: %r", adapter.name, exc)
@@ -136,10 +139,6 @@ class LoRASlots:
             async with self._cond:
                 self._reserved -= 1
                 self._cond.notify_all()
-
-    def activity(self) -> tuple:
-        """Changes whenever what the engine holds may have changed (a request ended, a pin moved)."""
-        return self.finished, self.removed, tuple(sorted(self.in_flight)), tuple(sorted(self.pinned))
 
     async def _release_idle(self, live: set[int]) -> None:
         """Remove idle adapters that are retired (not live) or being unpinned; vLLM has no unpin, so an
@@ -165,8 +164,8 @@ class LoRASlots:
                 continue
             if lora_id in loaded:
                 await self.engine.remove_lora(lora_id)
-                self.removed += 1
             async with self._cond:
+                self.changes += 1
                 self.pinned.pop(lora_id, None)
                 self._unpinning.discard(lora_id)
                 self._idle_since.pop(lora_id, None)

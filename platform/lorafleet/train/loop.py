@@ -159,12 +159,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if do_eval or do_ckpt:
                 _report(metrics, cfg, rank, engine, model, optimizer, scheduler, state, tokenizer, trainable_only, do_ckpt, final)
             elif rank == 0:
-                # A logging-only step needs no ray.train.report: MLflow/W&B get the metrics from
-                # rank 0's logger and the loss curve from the history. Skipping the report skips
-                # a barrier of every rank and a round trip to the Train controller (~5% of a
-                # step on 2 CPU cores, benchmarks/train_throughput.py).
-                log.info("step %d/%d epoch %.2f loss %.4f lr %.3g %.0f tokens/s", step, total_steps, metrics["epoch"],
-                         metrics.get("train_loss", float("nan")), metrics["lr"], metrics.get("tokens_per_s", 0.0))
+                # A logging-only step needs no ray.train.report (a barrier of every rank and a round
+                # trip to the Train controller): MLflow/W&B get the metrics from rank 0's logger and
+                # the loss curve from the history. The progress line goes to the job's console
+                # (Ray forwards workers' stdout), where the report's own line used to appear.
+                print(f"step {step}/{total_steps} epoch {metrics['epoch']:.2f} loss {metrics.get('train_loss', float('nan')):.4f} "
+                      f"lr {metrics['lr']:.3g} {metrics.get('tokens_per_s', 0.0):.0f} tokens/s", flush=True)
             model.train()
 
     if logger:
