@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorafleet-installed
 
-.PHONY: install demo test test-fast bench docs clean
+.PHONY: install demo test test-fast bench reliability docs clean
 
 install: $(STAMP)
 
@@ -37,6 +37,21 @@ bench: install
 	$(PY) benchmarks/adapter_scaling.py
 	$(PY) benchmarks/hot_swap.py
 	$(PY) benchmarks/summary.py
+
+# Reliability and security suite (not part of `make test`: ~25 min): training faults, serving soak /
+# overload / replica kill / disconnects, fuzzing, hostile adapters and requests, isolation, secrets.
+# Each scenario records a row; tests/reliability_report.py turns them into docs/reliability.md.
+RELIABILITY_WORK := lorafleet-work/reliability
+RELIABILITY_TESTS := tests/serve/test_reliability.py tests/serve/test_tenants.py tests/serve/test_validation.py \
+	tests/train/test_fault_tolerance.py tests/tune/test_sweep.py tests/config tests/serve/test_serve_config.py \
+	tests/train/test_checkpoint_fallback.py tests/tracking/test_training_tracking_outage.py tests/cluster/test_security.py
+reliability: install
+	rm -rf $(RELIABILITY_WORK) && mkdir -p $(RELIABILITY_WORK)
+	LORAFLEET_RELIABILITY=1 LORAFLEET_RELIABILITY_LOG=$(CURDIR)/$(RELIABILITY_WORK)/scenarios.jsonl \
+		$(VENV)/bin/pytest $(RELIABILITY_TESTS) -q -ra --timeout=1800 -p no:cacheprovider \
+		--junitxml=$(RELIABILITY_WORK)/junit.xml; status=$$?; \
+	$(PY) tests/reliability_report.py $(RELIABILITY_WORK)/scenarios.jsonl $(RELIABILITY_WORK)/junit.xml docs/reliability.md \
+		&& exit $$status
 
 # The configuration reference and the HTTP API's OpenAPI document are generated from the code
 # (tests check that the committed copies are current).

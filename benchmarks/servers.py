@@ -50,8 +50,10 @@ def _popen(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
 
 
 def start_lorafleet(work: Path, base: Path, adapters: dict[str, Path], *, max_loras: int, max_cpu_loras: int, name: str = "lorafleet",
-                    admin_key: str | None = None, engine: dict | None = None) -> Server:
-    """`lorafleet serve --config <file>` with the adapters as shared config adapters (anonymous calls allowed)."""
+                    admin_key: str | None = None, engine: dict | None = None, sections: dict | None = None) -> Server:
+    """`lorafleet serve --config <file>` with the adapters as shared config adapters (anonymous calls allowed).
+
+    ``sections`` updates the config's sections key by key (e.g. ``{"deployment": {"num_replicas": 2}}``)."""
     port = free_port()
     state = work / f"{name}-state"
     cfg = {
@@ -64,6 +66,8 @@ def start_lorafleet(work: Path, base: Path, adapters: dict[str, Path], *, max_lo
         "limits": {"max_queued_requests": 256, "max_tokens": 256},
         "tenancy": {"state_dir": str(state), "allow_anonymous": True, "quotas": {"max_adapters": 1000}},
     }
+    for section, values in (sections or {}).items():
+        cfg[section] = {**cfg[section], **values} if isinstance(values, dict) and isinstance(cfg.get(section), dict) else values
     path = work / f"{name}-serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "LORAFLEET_HOME": str(work / "home")}

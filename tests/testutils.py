@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import random
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def record_scenario(area: str, scenario: str, *, load: str = "-", faults: str = "-", bad_inputs: str = "-",
+                    lost: str = "nothing", outcome: str, **figures) -> None:
+    """One row of the reliability report (`make reliability`): what was held, injected and tried,
+    what was lost, and the figures behind it. Written only when LORAFLEET_RELIABILITY_LOG names
+    a JSON-lines file (make reliability sets it); a plain `make test` run records nothing."""
+    path = os.environ.get("LORAFLEET_RELIABILITY_LOG")
+    if not path:
+        return
+    row = {"area": area, "scenario": scenario, "load": load, "faults": faults, "bad_inputs": bad_inputs, "lost": lost,
+           "outcome": outcome, "figures": figures, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, default=str) + "\n")

@@ -338,14 +338,13 @@ def hot_swap(url: str, key: str, adapter: str, new_source: str, prompts: list[st
 # -- the run --------------------------------------------------------------------------------------
 
 def run(work: Path, sizes: Sizes) -> dict:
-    import ray
+    from lorafleet.ray_local import start_local_ray
 
     os.environ["LORAFLEET_HOME"] = str(work)
     # Logical CPUs beyond the 2 cores: Train controllers, sweep trial functions, Serve's controller,
     # proxy and replicas each hold a slot while mostly waiting (README: troubleshooting).
     # address="local": always a Ray of its own, even where another one runs (and stopped with it).
-    ray.init(address="local", num_cpus=8, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}})
+    start_local_ray(8, address="local", runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}})
     started = time.time()
     timings: dict[str, float] = {}
 

@@ -315,7 +315,9 @@ def test_overload_answers_503(served, serve_assets):
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(503) >= 1 and statuses.count(200) >= 8, statuses
-    assert_openai_error(next(r for r in responses if r.status_code == 503), 503, "overloaded")
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert_openai_error(rejected, 503, "overloaded")
+    assert int(rejected.headers["retry-after"]) >= 1
     assert all(r.json()["usage"]["completion_tokens"] == 100 for r in responses if r.status_code == 200)
 
 
@@ -323,7 +325,7 @@ def test_overload_answers_503(served, serve_assets):
 
 
 def test_metrics_are_scrapeable(http, served):
-    text = http.get("/metrics").text
+    text = http.get("/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -344,6 +346,11 @@ def test_metrics_are_scrapeable(http, served):
     for adapter in (*LOCAL_ADAPTERS, "delta"):
         assert total(f'lorafleet_adapter_loads_total{{adapter="{adapter}"}}') >= 1, adapter
     assert "lorafleet_adapter_evictions_total" in text and "lorafleet_adapters_loaded{" in text
+    # Without a key: the shared models' series only, none about replicas.
+    anonymous = http.get("/metrics").text
+    assert 'lorafleet_requests_total{endpoint="/v1/completions",model="alpha",status="200"}' in anonymous
+    assert "lorafleet_adapters_loaded{" not in anonymous
+    assert http.get("/metrics", headers={"authorization": "Bearer not-a-key"}).status_code == 401
 
 
 def test_any_replica_serves_any_adapter(http, served, serve_assets):

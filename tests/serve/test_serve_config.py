@@ -81,9 +81,13 @@ def test_unknown_keys_and_cross_field_rules_are_listed_together(tmp_path):
     text = str(e.value)
     for expected in ("max_cpu_loras (4) must be >= engine.max_loras (8)", "max_lora_rank (12) must be one of",
                      "num_replicas (2) and deployment.autoscaling are exclusive", "min_replicas (3) must be <= max_replicas (2)",
-                     "names must be unique, repeated: ['a']",
-                     "allowed_local_roots is empty"):
+                     "names must be unique, repeated: ['a']"):
         assert expected in text, (expected, text)
+    # rules across sections once every section is valid on its own
+    bad.write_text(yaml.safe_dump({"model": "m", "adapters": [{"name": "m", "source": "/x"}]}))
+    with pytest.raises(ConfigError) as e:
+        load_serve_config(bad)
+    assert "allowed_local_roots is empty" in str(e.value) and "'m' is the base model's name" in str(e.value)
     with pytest.raises(ConfigError, match="models:/<name>/<version>"):
         load_serve_config(bad, ["adapters=[{name: b, source: 'models:/only-a-name'}]"])
 

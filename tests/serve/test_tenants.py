@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from serve_helpers import ADMIN_KEY, BASE, MAX_NEW_TOKENS, TARGETS
+from testutils import record_scenario
 
 pytestmark = pytest.mark.slow
 
@@ -160,9 +162,21 @@ def test_isolation_matrix(http, serve_assets):
         error(http.put(f"/v1/adapters/{name}", headers=acme, json={"source": str(serve_assets.adapters["gamma"])}), 403, "not_your_adapter")
         error(http.delete(f"/v1/adapters/{name}", headers=acme), 403, "not_your_adapter")
         error(http.patch(f"/v1/adapters/{name}", headers=acme, json={"pin": True}), 403, "not_your_adapter")
+    # the other endpoints that name a model: chat and streaming, the same 404
+    chat = {"model": "globex/intent-v1", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+    error(http.post("/v1/chat/completions", headers=acme, json=chat), 404, "model_not_found")
+    error(http.post("/v1/completions", headers=acme, json={"model": "globex/intent-v1", "prompt": prompt, "max_tokens": 4, "stream": True}),
+          404, "model_not_found")
+    # metrics: a tenant's key shows its own adapters' series and nothing of another tenant's
+    mine = http.get("/metrics", headers=acme)
+    assert mine.status_code == 200 and 'model="acme/intent-v1"' in mine.text and "globex" not in mine.text
+    assert "acme/" not in http.get("/metrics").text  # no key: shared models only
     # nothing of globex's changed
     assert phrase_of(serve_assets, answer(http, "globex", "intent-v1", prompt), prompt) == "beta"
     assert http.get("/v1/adapters", headers=globex).json()["data"][0]["version"] == 1
+    record_scenario("security", "tenant isolation matrix (list, models, call, chat, stream, get, replace, delete, pin, metrics)",
+                    bad_inputs="13 cross-tenant and anonymous requests against another tenant's adapter", lost="nothing",
+                    outcome="every one 403/404 with the same message as a name that does not exist; the owner's adapter unchanged")
 
 
 def test_listing_shows_engine_state_from_the_engines_themselves(http, serve_assets):
@@ -293,6 +307,29 @@ def _hostile(served, serve_assets) -> dict[str, tuple[str, int, str]]:
     (wrong_base / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "meta-llama/Llama-3.1-8B"}))
     shutil.copytree(alpha, out / "secret")
     (up / "escape").symlink_to(out / "secret")
+    beside = copy("pickle-beside")
+    torch.save({"step": 1}, beside / "training_args.bin")  # a pickle next to good safetensors
+    optimizer = copy("optimizer-pt")
+    torch.save({"state": {}}, optimizer / "optimizer.pt")
+    empty_weights = copy("empty-weights")
+    (empty_weights / "adapter_model.safetensors").write_bytes(b"")
+    empty_config = copy("empty-config")
+    (empty_config / "adapter_config.json").write_bytes(b"")
+    noise = copy("random-bytes")
+    (noise / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+    header_bomb = copy("header-bomb")  # a safetensors header claiming 2**40 bytes of JSON
+    (header_bomb / "adapter_model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    huge = copy("huge")
+    with open(huge / "adapter_model.safetensors", "r+b") as f:
+        f.truncate(served.cfg.tenancy.max_adapter_bytes + 1)  # sparse: past the size limit without writing it
+    json_configs = {"dora": {**cfg, "use_dora": True}, "not-lora": {**cfg, "peft_type": "PREFIX_TUNING"},
+                    "rank-pattern": {**cfg, "rank_pattern": {"q_proj": 64}}, "unknown-module": {**cfg, "target_modules": ["evil_proj"]},
+                    "negative-rank": {**cfg, "r": -8}, "config-list": [cfg]}
+    for name, content in json_configs.items():
+        (copy(name) / "adapter_config.json").write_text(json.dumps(content))
+    file_link = copy("file-symlink")
+    (file_link / "adapter_model.safetensors").unlink()
+    (file_link / "adapter_model.safetensors").symlink_to(out / "secret" / "adapter_model.safetensors")
     return {
         "pickle": (str(pickle), 422, "unsafe_weights_format"),
         "corrupt": (str(corrupt), 422, "corrupt_weights"),
@@ -305,12 +342,31 @@ def _hostile(served, serve_assets) -> dict[str, tuple[str, int, str]]:
         "relative": ("../secret", 400, "invalid_source"),
         "scheme": ("s3://bucket/adapter", 400, "invalid_source"),
         "missing": (str(up / "nope"), 404, "adapter_not_found"),
+        "pickle-beside": (str(beside), 422, "unsafe_weights_format"),
+        "optimizer-pt": (str(optimizer), 422, "unsafe_weights_format"),
+        "empty-weights": (str(empty_weights), 422, "corrupt_weights"),
+        "empty-config": (str(empty_config), 422, "invalid_adapter"),
+        "random-bytes": (str(noise), 422, "corrupt_weights"),
+        "header-bomb": (str(header_bomb), 422, "corrupt_weights"),
+        "huge": (str(huge), 413, "adapter_too_large"),
+        "dora": (str(up / "dora"), 422, "invalid_adapter"),
+        "not-lora": (str(up / "not-lora"), 422, "invalid_adapter"),
+        "rank-pattern": (str(up / "rank-pattern"), 422, "rank_too_large"),
+        "unknown-module": (str(up / "unknown-module"), 422, "unknown_target_module"),
+        "negative-rank": (str(up / "negative-rank"), 422, "invalid_adapter"),
+        "config-list": (str(up / "config-list"), 422, "invalid_adapter"),
+        "file-symlink": (str(file_link), 403, "path_not_allowed"),
+        "system-path": ("/etc", 403, "path_not_allowed"),
+        "nul-byte": (f"{up}/alpha\x00.safetensors", 400, "invalid_source"),
+        "file-url": ("file:///etc/passwd", 400, "invalid_source"),
     }
 
 
 def test_hostile_adapters_are_refused_and_nothing_else_is_affected(http, served, serve_assets):
     prompt = serve_assets.prompts[0]
-    for name, (source, status, code) in _hostile(served, serve_assets).items():
+    cases = _hostile(served, serve_assets)
+    assert len(cases) >= 20
+    for name, (source, status, code) in cases.items():
         err = error(http.post("/v1/adapters", headers=auth("acme"), json={"name": f"bad-{name}", "source": source}), status, code)
         assert err["param"] == "source", (name, err)
         # replacing a good adapter with a bad source fails the same way and keeps the good version
@@ -319,6 +375,10 @@ def test_hostile_adapters_are_refused_and_nothing_else_is_affected(http, served,
     assert [(a["id"], a["version"]) for a in listed] == [("intent-v1", 1)]
     assert phrase_of(serve_assets, answer(http, "acme", "intent-v1", prompt), prompt) == "alpha"
     assert http.get("/health").status_code == 200
+    record_scenario("bad input", f"hostile adapter submissions ({len(cases)} kinds, each as POST and as PUT over a live adapter)",
+                    bad_inputs=", ".join(cases), lost="nothing",
+                    outcome="every one refused with its 4xx and a message naming `source`; the live adapter kept its version and answers; /health 200",
+                    submissions=2 * len(cases))
 
 
 # --------------------------------------------------------------------------- quotas
@@ -392,6 +452,8 @@ def test_revoked_keys_stop_working(http):
     assert http.delete(f"/admin/tenants/globex/keys/{r.json()['id']}", headers=ADMIN).status_code == 200
     error(http.get("/v1/adapters", headers=spare), 401, "invalid_api_key")
     assert http.get("/v1/adapters", headers=auth("globex")).status_code == 200  # the tenant's other key still works
+    record_scenario("security", "revoked key", bad_inputs="a key used right after DELETE /admin/tenants/<t>/keys/<id>", lost="nothing",
+                    outcome="401 on the next request (same replica; other replicas within tenancy.poll_interval_s); the tenant's other key works")
 
 
 def test_different_names_register_in_parallel(served, serve_assets):

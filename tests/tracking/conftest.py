@@ -35,7 +35,8 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 90) -> "MlflowServer":
+    def start(self, timeout_s: float = 180) -> "MlflowServer":
+        """Start and wait until /health answers (a busy 2-core machine can take more than a minute)."""
         self.artifacts_destination.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers: fewer processes, faster start
@@ -116,11 +117,14 @@ def migrated_sqlite_db(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tracking_home(tmp_path, monkeypatch, migrated_sqlite_db) -> Path:
-    """LORAFLEET_HOME in tmp_path, so the default sqlite store and artifacts live there (store pre-migrated)."""
+    """LORAFLEET_HOME in tmp_path, so the default sqlite store and artifacts live there (store pre-migrated).
+    MLFLOW_TRACKING_URI would win over that default: unset here, as an earlier test's
+    ``mlflow.set_tracking_uri`` leaves it set in the session."""
     home = tmp_path / "home"
     home.mkdir()
     shutil.copyfile(migrated_sqlite_db, home / "mlflow.db")
     monkeypatch.setenv("LORAFLEET_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
 
 

@@ -17,7 +17,7 @@ import yaml
 from lorafleet.config import ConfigError, load_config
 from lorafleet.config.sweep import SweepConfig
 from lorafleet.tune import derive_max_concurrent_trials
-from testutils import REPO, banking_rows, write_rows
+from testutils import REPO, banking_rows, record_scenario, write_rows
 
 
 def test_concurrency_is_derived_from_cluster_resources():
@@ -38,13 +38,22 @@ def test_space_paths_and_ranges_are_checked_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(SweepConfig, bad)
     assert "low < high (got [0.1, 0.0])" in str(exc.value) and "sweep.space.lora.r" in str(exc.value)
-    # Paths and both ends of ranges are checked against the fine-tune model, all keys at once.
-    data["sweep"]["space"] = {"lora.rank": {"choice": [4]}, "training.warmup_ratio": {"uniform": [0.1, 2.0]}}
+    # Paths are checked with every other problem of the file (here: a bad fine-tune key too)...
+    data["sweep"]["space"] = {"lora.rank": {"choice": [4]}, "lora.dropout": {"choice": [0.1]}}
+    data["finetune"]["lora"] = {"alpha": 16}
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError) as exc:
         load_config(SweepConfig, bad)
     msg = str(exc.value)
-    assert "lora.rank: unknown key" in msg and "training.warmup_ratio: Input should be less than 1 (got 2.0)" in msg
+    assert "'lora.rank': unknown key" in msg and "'lora.dropout': unknown key" in msg and "finetune.lora.alpha: unknown key" in msg
+    # ...and both ends of ranges against the fine-tune model, all keys at once.
+    del data["finetune"]["lora"]
+    data["sweep"]["space"] = {"training.warmup_ratio": {"uniform": [0.1, 2.0]}, "lora.r": {"choice": [4, 0]}}
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as exc:
+        load_config(SweepConfig, bad)
+    msg = str(exc.value)
+    assert "training.warmup_ratio: Input should be less than 1 (got 2.0)" in msg and "sweep.space['lora.r'] value 0" in msg
 
 
 def test_metric_must_be_one_the_task_reports():
@@ -179,3 +188,10 @@ def test_sweep_asha_failure_registration_and_resume(tiny_base, tmp_path, work_ho
         if t["status"] == "early_stopped":
             assert c.data.tags["lorafleet.early_stopped"] == "true"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {"plots/sweep_metric_vs_params.png"}
+    record_scenario("training", "crashed sweep trials, sweep driver killed and resumed",
+                    load=f"{len(trials)} trials one at a time, 2 FSDP workers each, ASHA",
+                    faults="2 trials crash in their workers (no such module); sweep driver SIGKILLed after a trial finished",
+                    lost="nothing: finished trials not re-run", outcome=f"{statuses.count('completed')} completed, "
+                    f"{statuses.count('early_stopped')} early-stopped, 2 errors recorded; best trial registered as version "
+                    f"{best['registered_version']}", trials=len(trials), trial_errors=statuses.count("error"),
+                    finished_before_kill=len(finished))

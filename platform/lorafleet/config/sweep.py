@@ -3,9 +3,11 @@ a search space over dotted paths into it, a search algorithm and an ASHA schedul
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, model_validator
+import typing
+
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from lorafleet.config.base import StrictModel
 from lorafleet.config.train import FinetuneConfig
@@ -58,6 +60,27 @@ class Distribution(StrictModel):
         return [self.randint[0], self.randint[1] - 1]
 
 
+def _is_config_path(model: type, parts: list[str]) -> bool:
+    field = model.model_fields.get(parts[0])
+    if field is None:
+        return False
+    if len(parts) == 1:
+        return True
+    nested = [t for t in (field.annotation, *typing.get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)]
+    return any(_is_config_path(t, parts[1:]) for t in nested)
+
+
+def _space_path(key: str) -> str:
+    """A space key names a fine-tune config field. Checked per key, so that an unknown path is
+    listed with every other problem of the file (values are checked once the file is valid)."""
+    if key != ALPHA_MULTIPLE and not _is_config_path(FinetuneConfig, key.split(".")):
+        raise ValueError(f"{key!r}: unknown key, not a fine-tune config path (e.g. lora.r, training.learning_rate; see docs/configuration.md)")
+    return key
+
+
+SpacePath = Annotated[str, AfterValidator(_space_path)]
+
+
 class AshaConfig(StrictModel):
     type: Literal["asha", "none"] = Field("asha", description="`asha`: stop poor trials early (AsyncHyperBand); `none`: run all to the end.")
     grace_period: int = Field(1, ge=1, description="Evaluations every trial gets before it can be stopped.")
@@ -72,7 +95,7 @@ class SweepSettings(StrictModel):
     search: Literal["random", "grid", "optuna"] = Field("random", description="`random` / `grid`: Tune's variant generator; `optuna`: TPE.")
     num_samples: int = Field(4, ge=1, description="Trials to sample (with grid values: repetitions of the whole grid).")
     seed: int = Field(0, description="Seed of the search algorithm.")
-    space: dict[str, Distribution] = Field(description="Dotted config path -> distribution, e.g. `training.learning_rate: {loguniform: [1e-4, 3e-3]}`. `lora.alpha_multiple` sets lora_alpha = multiple * r.")
+    space: dict[SpacePath, Distribution] = Field(description="Dotted config path -> distribution, e.g. `training.learning_rate: {loguniform: [1e-4, 3e-3]}`. `lora.alpha_multiple` sets lora_alpha = multiple * r.")
     module_sets: dict[str, Union[str, list[str]]] = Field(default_factory=lambda: dict(DEFAULT_MODULE_SETS), description="Names usable as values of lora.target_modules in the space.")
     scheduler: AshaConfig = Field(default_factory=AshaConfig)
     eval_every_n_steps: int = Field(10, ge=1, description="Evaluate (and report to Tune) every N optimizer steps; ASHA decides at these points.")

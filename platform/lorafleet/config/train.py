@@ -128,7 +128,7 @@ class DistributedConfig(StrictModel):
 
 class CheckpointConfig(StrictModel):
     every_n_steps: int = Field(50, ge=1, description="Save a sharded checkpoint every N optimizer steps (and at the end).")
-    keep: int = Field(2, ge=1, description="Checkpoints kept (Ray Train `num_to_keep`).")
+    keep: int = Field(2, ge=1, description="Checkpoints kept (Ray Train `num_to_keep`). Keep at least 2: a resume skips a corrupt or half-written latest checkpoint for the previous complete one.")
     storage_path: Optional[str] = Field(None, description="Ray Train storage (local path, NFS, s3://, gs://). Default: <work dir>/ray_results. Must be shared by all nodes on a cluster.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed (Ray `FailureConfig`); -1 is unlimited.")
 

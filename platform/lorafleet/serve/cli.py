@@ -18,6 +18,7 @@ import threading
 from typing import Iterable
 
 from lorafleet.config.base import ConfigError
+from lorafleet.ray_local import start_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _start_ray(cfg) -> bool:
     d = cfg.deployment
     replicas = d.num_replicas or (d.autoscaling.max_replicas if d.autoscaling else 1)
     # Logical CPUs beyond the replicas' own: Serve's controller and proxy need slots too.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * d.num_cpus) + 2), _node_ip_address="127.0.0.1", log_to_driver=True)
+    start_local_ray(max(os.cpu_count() or 1, int(replicas * d.num_cpus) + 2), log_to_driver=True)
     return True
 
 

@@ -44,6 +44,8 @@ def adapter_name_problem(name: str) -> Optional[str]:
 
 def source_problem(source: str) -> Optional[str]:
     """Why ``source`` is not an adapter source (None when it is): ``models:/...`` or a local folder."""
+    if any(ord(c) < 32 or c == "\x7f" for c in source):
+        return "it contains control characters (NUL, newline...), which no path or registry URI may hold"
     if source.startswith("models:") and not _MODELS_URI.match(source):
         return "an MLflow source must look like models:/<name>/<version> or models:/<name>@<alias>"
     if "://" in source and not source.startswith("models:"):
@@ -80,6 +82,19 @@ class EngineSettings(StrictModel):
     max_logprobs: int = Field(20, ge=0, le=20, description="Largest `logprobs` / `top_logprobs` a request may ask for.")
     log_engine_stats: bool = Field(False, description="Let vLLM log its periodic throughput lines.")
 
+    # Rules within one section are checked by the section, so that they are listed together with
+    # the problems of every other section; rules across sections are ServeConfig's.
+    @model_validator(mode="after")
+    def _engine_rules(self) -> "EngineSettings":
+        problems = []
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            problems.append(f"engine.max_lora_rank ({self.max_lora_rank}) must be one of {list(VLLM_LORA_RANKS)} (vLLM's supported ranks)")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            problems.append(f"engine.max_cpu_loras ({self.max_cpu_loras}) must be >= engine.max_loras ({self.max_loras})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class AutoscalingSettings(StrictModel):
     """Ray Serve autoscaling of the engine deployment (``autoscaling_config``)."""
@@ -101,6 +116,19 @@ class DeploymentSettings(StrictModel):
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the engine replicas (Ray runtime_env), e.g. VLLM_CPU_OMP_THREADS_BIND, HF_HOME, HF_TOKEN.")
     health_check_period_s: float = Field(10, gt=0, description="How often Serve checks that each replica's engine is alive.")
     health_check_timeout_s: float = Field(60, gt=0, description="How long one health check may take before the replica is restarted.")
+
+    @model_validator(mode="after")
+    def _deployment_rules(self) -> "DeploymentSettings":
+        problems, a = [], self.autoscaling
+        if a is not None and self.num_replicas is not None:
+            problems.append(f"deployment.num_replicas ({self.num_replicas}) and deployment.autoscaling are exclusive; set num_replicas: null to autoscale")
+        if a is None and self.num_replicas is None:
+            problems.append("deployment.num_replicas is null but deployment.autoscaling is not set; give one of them")
+        if a is not None and a.min_replicas > a.max_replicas:
+            problems.append(f"deployment.autoscaling.min_replicas ({a.min_replicas}) must be <= max_replicas ({a.max_replicas})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class AdapterSource(StrictModel):
@@ -195,6 +223,15 @@ class ServeConfig(StrictModel):
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits and the queue bound.")
     tenancy: TenancySettings = Field(default_factory=TenancySettings, description="Tenants, API keys, runtime adapters (hot-swap) and quotas.")
 
+    @field_validator("adapters")
+    @classmethod
+    def _unique_names(cls, adapters: list) -> list:
+        names = [a.name for a in adapters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"adapters: names must be unique, repeated: {duplicates}")
+        return adapters
+
     @field_validator("route_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
@@ -205,22 +242,9 @@ class ServeConfig(StrictModel):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "ServeConfig":
         e, d, problems = self.engine, self.deployment, []
-        if e.max_lora_rank not in VLLM_LORA_RANKS:
-            problems.append(f"engine.max_lora_rank ({e.max_lora_rank}) must be one of {list(VLLM_LORA_RANKS)} (vLLM's supported ranks)")
-        if e.max_cpu_loras is not None and e.max_cpu_loras < e.max_loras:
-            problems.append(f"engine.max_cpu_loras ({e.max_cpu_loras}) must be >= engine.max_loras ({e.max_loras})")
-        if d.autoscaling is not None and d.num_replicas is not None:
-            problems.append(f"deployment.num_replicas ({d.num_replicas}) and deployment.autoscaling are exclusive; set num_replicas: null to autoscale")
-        if d.autoscaling is None and d.num_replicas is None:
-            problems.append("deployment.num_replicas is null but deployment.autoscaling is not set; give one of them")
-        if d.autoscaling is not None and d.autoscaling.min_replicas > d.autoscaling.max_replicas:
-            problems.append(f"deployment.autoscaling.min_replicas ({d.autoscaling.min_replicas}) must be <= max_replicas ({d.autoscaling.max_replicas})")
         if d.max_ongoing_requests < e.max_num_seqs:
             problems.append(f"deployment.max_ongoing_requests ({d.max_ongoing_requests}) must be >= engine.max_num_seqs ({e.max_num_seqs}), or the engine never fills its batch")
         names = [a.name for a in self.adapters]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            problems.append(f"adapters: names must be unique, repeated: {duplicates}")
         if self.base_model_name in names:
             problems.append(f"adapters: {self.base_model_name!r} is the base model's name (served_model_name); give the adapter another name")
         local = [a.name for a in self.adapters if not a.is_registry]

@@ -21,6 +21,7 @@ retired versions (:mod:`lorafleet.serve.slots`) and publishes what its engine ho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -47,6 +48,56 @@ ENGINE_STATE_MAX_AGE_S = 30.0  # what vLLM holds is re-read at least this often 
 
 
 # --------------------------------------------------------------------------- engine
+
+
+async def coalesce(items: AsyncIterator[Any]) -> AsyncIterator[list]:
+    """Yield ``items`` in lists: each list holds everything produced since the last was taken.
+
+    A streamed token crosses two Ray hops (engine replica -> ingress -> Serve's proxy); paying
+    them per token made the hop, not the model, the limit at high concurrency on a small base.
+    A reader that keeps up gets one-item lists (no added latency); one that falls behind gets
+    larger lists. An error raised by ``items`` is raised here after the items before it, and
+    closing this generator (a client that went away) cancels ``items``, so vLLM aborts.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump():
+        try:
+            async for item in items:
+                queue.put_nowait(item)
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, raised there
+            queue.put_nowait(_Raised(exc))
+        finally:
+            queue.put_nowait(end)
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            batch, done = [await queue.get()], False
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            if batch[-1] is end:
+                batch.pop()
+                done = True
+            if batch and isinstance(batch[-1], _Raised):
+                if batch[:-1]:
+                    yield batch[:-1]
+                raise batch[-1].exc
+            if batch:
+                yield batch
+            if done:
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
 
 class EngineDeployment:
@@ -159,11 +210,15 @@ class EngineDeployment:
             result.update(item)
         return result
 
-    async def stream(self, request, ref: Optional[dict] = None) -> AsyncIterator[dict]:
-        """Streaming: ``{"chunk": ...}`` items, then ``{"meta": ...}``."""
+    async def stream(self, request, ref: Optional[dict] = None) -> AsyncIterator[list[dict]]:
+        """Streaming: lists of ``{"chunk": ...}`` items, the last list ending with ``{"meta": ...}``.
+
+        Each list is what the engine produced while the ingress was reading the previous one
+        (see :func:`coalesce`), so a busy replica pays one handle hop per batch, not per token.
+        """
         adapter = await self._adapter_for(request.model, ref)
-        async for item in self.core.generate(request, adapter):
-            yield item
+        async for batch in coalesce(self.core.generate(request, adapter)):
+            yield batch
 
     async def check_health(self) -> None:
         await self.core.check_health()
@@ -275,9 +330,16 @@ class OpenAIIngress:
             if len(body) > limit:
                 raise too_large
         try:
-            return json.loads(body)
+            data = json.loads(body)
         except ValueError as exc:
             raise bad_request(f"The request body is not valid JSON: {exc}") from None
+        if b"\\ud" in body.lower():  # a \ud800-\udfff escape: valid JSON, but a lone one is no text (tokenizers reject it)
+            try:
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request("The request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair); "
+                                  "strings must be valid Unicode.", None, "invalid_unicode") from None
+        return data
 
     def _handle_for(self, route):
         if route.multiplexed_id is None:
@@ -330,21 +392,25 @@ class OpenAIIngress:
                 ticket.release()
             self.metrics.in_flight.dec()
 
-    async def _sse(self, first: dict, stream, model: str, endpoint: str, started: float, ticket) -> AsyncIterator[str]:
-        """Server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``."""
+    async def _sse(self, first: list, stream, model: str, endpoint: str, started: float, ticket) -> AsyncIterator[str]:
+        """Server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``; one write per batch of chunks."""
         status, ttft, meta = 200, None, {}
         self.metrics.in_flight.inc()  # the request is in flight until its stream ends
         try:
-            item = first
+            batch = first
             while True:
-                if "chunk" in item:
-                    if ttft is None and any(c.get("text") or (c.get("delta") or {}).get("content") for c in item["chunk"]["choices"]):
-                        ttft = time.monotonic() - started
-                    yield f"data: {json.dumps(item['chunk'])}\n\n"
-                elif "meta" in item:
-                    meta = item["meta"]
+                events = []
+                for item in batch:
+                    if "chunk" in item:
+                        if ttft is None and any(c.get("text") or (c.get("delta") or {}).get("content") for c in item["chunk"]["choices"]):
+                            ttft = time.monotonic() - started
+                        events.append(f"data: {json.dumps(item['chunk'])}\n\n")
+                    elif "meta" in item:
+                        meta = item["meta"]
+                if events:
+                    yield "".join(events)
                 try:
-                    item = await stream.__anext__()
+                    batch = await stream.__anext__()
                 except StopAsyncIteration:
                     break
             yield "data: [DONE]\n\n"
@@ -502,5 +568,11 @@ class OpenAIIngress:
                              "replica": info["replica"]})
 
     @api.get("/metrics")
-    async def prometheus(self) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus text; the admin key sees every series, a tenant only its own adapters' (metrics.py)."""
+        try:
+            self.tenancy.start()
+            scope = await self.tenancy.metrics_scope(request.headers.get("authorization"))
+        except OpenAIError as err:
+            return _error_response(err)
+        return Response(self.metrics.render(scope), media_type=CONTENT_TYPE)

@@ -14,6 +14,10 @@ Metric names::
     lorafleet_requests_in_flight
     lorafleet_adapter_loads_total{adapter}       lorafleet_adapter_evictions_total{adapter}
     lorafleet_adapters_loaded{replica}
+
+Who sees what: the admin key every series; a tenant's key the series of its own adapters
+(``<tenant>/<adapter>``); no key the series of the shared models only. Point Prometheus at
+``/metrics`` with the admin key as its bearer token.
 """
 
 from __future__ import annotations
@@ -84,5 +88,28 @@ class ServeMetrics:
             self.prompt_tokens.labels(model).inc(usage.get("prompt_tokens", 0))
             self.completion_tokens.labels(model).inc(usage.get("completion_tokens", 0))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, tenant: Optional[str] = "") -> bytes:
+        """The text exposition: every series (``tenant`` None), or only the series of one tenant's
+        adapters (labels ``<tenant>/...``), or with ``""`` only those of the shared models."""
+        if tenant is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Scoped(self.registry, tenant))
+
+
+class _Scoped:
+    """A view of a registry with only the samples whose model/adapter labels belong to ``tenant``
+    (``""``: the shared models, names without a tenant prefix). Series without such labels
+    (in-flight gauge, per-replica counts) are the operator's and left out."""
+
+    def __init__(self, registry: CollectorRegistry, tenant: str):
+        self.registry, self.tenant = registry, tenant
+
+    def _mine(self, labels: dict) -> bool:
+        names = [labels[k] for k in ("model", "adapter") if k in labels]
+        return bool(names) and all(n.startswith(f"{self.tenant}/") if self.tenant else "/" not in n for n in names)
+
+    def collect(self):
+        for family in self.registry.collect():  # fresh Metric objects on every collect
+            family.samples = [s for s in family.samples if self._mine(s.labels)]
+            if family.samples:
+                yield family

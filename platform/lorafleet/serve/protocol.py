@@ -50,8 +50,12 @@ def unknown_model(model: str, available: list[str]) -> OpenAIError:
                        "invalid_request_error", "model", "model_not_found")
 
 
+RETRY_AFTER_S = 1  # what a 503 tells clients to wait: queues drain in about a request's time
+
+
 def overloaded(message: str) -> OpenAIError:
-    return OpenAIError(503, message, "server_error", None, "overloaded")
+    """503 with ``Retry-After``: the OpenAI client (and most HTTP clients) back off and retry."""
+    return OpenAIError(503, message, "server_error", None, "overloaded", {"Retry-After": str(RETRY_AFTER_S)})
 
 
 def validation_error_to_openai(exc: ValidationError) -> OpenAIError:

@@ -193,6 +193,16 @@ class Tenancy:
             raise unauthorized("Incorrect API key provided (unknown or revoked).")
         return Caller(tenant)
 
+    async def metrics_scope(self, authorization: Optional[str]) -> Optional[str]:
+        """Whose series ``/metrics`` shows this caller: None (all) for the admin key, the tenant's
+        name for a tenant's key, "" (shared models only) without a key; 401 for a bad key."""
+        if authorization is None:
+            return ""
+        if self.is_admin(authorization):
+            return None
+        caller = await self.caller(authorization)
+        return caller.tenant.name if caller.tenant else ""
+
     def require_admin(self, authorization: Optional[str]) -> None:
         if not self.admin_digest:
             raise forbidden("The admin API is disabled: no admin key is configured (tenancy.admin_key_env / admin_key_sha256). "
@@ -419,10 +429,19 @@ def _bearer(authorization: Optional[str]) -> Optional[str]:
     return (value.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def _object(body: Any, allowed) -> dict:
+def _object(body: Any, allowed: dict[str, tuple[dict, str]]) -> dict:
+    """``body`` if it is an object of ``allowed`` fields, each of its documented JSON type; else 400."""
+    import jsonschema
+
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise bad_request(f"Unknown field(s) {unknown}; allowed: {sorted(allowed)}.", unknown[0])
+    for name, value in body.items():
+        try:
+            jsonschema.validate(value, allowed[name][0])
+        except jsonschema.ValidationError as exc:
+            where = ".".join([name, *(str(p) for p in exc.absolute_path)])
+            raise bad_request(f"Invalid `{where}`: {exc.message[:200]}.", name, "invalid_type") from None
     return body

@@ -456,8 +456,9 @@ class MetricsLogger:
     buffer that a background thread sends with ``MlflowClient.log_batch``. When the
     tracking server is unreachable the buffer is kept and retried (after 1 s, 2 s, 4 s...
     capped at 30 s; MLflow's own HTTP retries, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
-    run inside that thread), so a server that goes down mid-run loses nothing as long
-    as it comes back before :meth:`close` gives up. ``flush_retry_s`` is how long
+    run inside that thread and hide for minutes that the server is back, so training
+    workers set it to 0), so a server that goes down mid-run loses nothing as long as
+    it comes back before :meth:`close` gives up. ``flush_retry_s`` is how long
     :meth:`flush` / :meth:`close` keep retrying before returning with metrics still
     pending. Batches MLflow rejects as invalid are dropped and reported in ``errors``.
 

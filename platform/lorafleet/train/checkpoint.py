@@ -8,17 +8,28 @@ A training checkpoint folder (one per ``ray.train.report``) holds::
                             state, tokens seen, metric history (rank 0)
     adapter/                only in the final checkpoint: the exported PEFT adapter (or
                             full model for method full) in safetensors
+    lorafleet_manifest.rank<R>.json
+                            written last by each rank R: size and sha256 of every file
+                            that rank wrote, and the world size
 
 Every rank writes its own shard to a local temporary folder; Ray Train merges the
 folders of all ranks into one checkpoint directory in the run's storage path.
 ``torch.distributed.checkpoint.state_dict`` makes the same code work for FSDP2 (DTensor
 shards), DDP and single-process models, so a run can even resume on another world size.
+
+A checkpoint is complete when every rank's manifest is there and every file matches it
+(:func:`verify_checkpoint`); one killed mid-write or mid-upload lacks a manifest or has a
+short file. Resuming (:func:`choose_resume_checkpoint`) skips such a checkpoint for the
+newest complete one of the run, so ``checkpoint.keep`` must be at least 2 for a fallback.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import posixpath
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +41,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 DCP_DIR = "dcp"
 ADAPTER_DIR = "adapter"
+MANIFEST = "lorafleet_manifest.rank{rank}.json"
 
 
 @dataclass
@@ -44,6 +56,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     scheduler: dict = field(default_factory=dict)
     finished: bool = False
+    tracking: dict = field(default_factory=dict)  # final checkpoint: rank 0's MetricsLogger.close() report
 
 
 def _options(trainable_only: bool, full: bool = False, strict: bool = True):
@@ -100,6 +113,107 @@ def read_train_state(path: str | Path) -> TrainState:
     return TrainState(**json.loads((Path(path) / STATE_FILE).read_text()))
 
 
+def write_manifest(path: str | Path) -> None:
+    """Every rank, after everything else it puts in the checkpoint folder ``path``: the proof that its part is complete.
+
+    Written to a temporary name and renamed, so a manifest is never itself half-written. Ray
+    uploads files in no particular order, so the sizes and hashes (not the manifest's mere
+    presence) are what show that an upload finished.
+    """
+    path = Path(path)
+    rank = _rank()
+    files = {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file()}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    target = path / MANIFEST.format(rank=rank)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rank": rank, "world_size": world, "files": files}))
+    os.replace(tmp, target)
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when checkpoint folder ``path`` is complete, else what is wrong with it."""
+    path = Path(path)
+    manifests = {}
+    for f in path.glob(MANIFEST.format(rank="*")):
+        try:
+            m = json.loads(f.read_text())
+            manifests[int(m["rank"])] = m
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"unreadable manifest {f.name}: {exc}"
+    if 0 not in manifests:
+        return "no manifest of rank 0 (half-written)"
+    world = manifests[0]["world_size"]
+    missing = sorted(set(range(world)) - set(manifests))
+    if missing:
+        return f"no manifest of rank(s) {missing} of {world} (half-written)"
+    if STATE_FILE not in manifests[0]["files"]:
+        return f"rank 0 wrote no {STATE_FILE}"
+    for rank in range(world):
+        for name, expected in manifests[rank]["files"].items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} (rank {rank}) is missing"
+            if f.stat().st_size != expected["size"]:
+                return f"{name} (rank {rank}) has {f.stat().st_size} bytes, not {expected['size']}"
+            if _sha256(f) != expected["sha256"]:
+                return f"{name} (rank {rank}) does not match its sha256"
+    return None
+
+
+def choose_resume_checkpoint(latest):
+    """Collective: the checkpoint every rank resumes from, given Ray's ``latest`` (a ``ray.train.Checkpoint``).
+
+    The newest complete checkpoint of the run: of ``latest`` and the other ``checkpoint_*``
+    folders beside it in the run's storage (Ray names them by creation time), the newest that
+    verifies. That is usually ``latest``; an older one when ``latest`` is corrupt or
+    half-written; a newer one when every rank wrote it but the worker group died before Ray's
+    controller registered it (so a kill never costs more than one checkpoint interval). Any
+    choice other than ``latest`` is logged with the reason. If none verifies, every rank
+    raises: silently starting over at step 0 would throw away the run's progress; delete the
+    run's storage folder (or pick a new run_name) to do that on purpose. Rank 0 decides and
+    broadcasts, so all ranks load the same checkpoint even if the storage changes under them.
+    """
+    choice = [None]
+    if _rank() == 0:
+        try:
+            choice[0] = {"path": _newest_complete(latest)}
+        except Exception as exc:  # noqa: BLE001 - every rank raises it, instead of waiting in broadcast for rank 0
+            choice[0] = {"error": str(exc)}
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if "error" in choice[0]:
+        raise RuntimeError(choice[0]["error"])
+    if choice[0]["path"] == latest.path:
+        return latest
+    return type(latest)(path=choice[0]["path"], filesystem=latest.filesystem)
+
+
+def _newest_complete(latest) -> str:
+    """Path of the checkpoint to resume from (see :func:`choose_resume_checkpoint`); rank 0 only."""
+    from pyarrow.fs import FileSelector, FileType
+
+    run_dir = posixpath.dirname(latest.path.rstrip("/"))
+    candidates = sorted((i.path for i in latest.filesystem.get_file_info(FileSelector(run_dir))
+                         if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
+    if latest.path not in candidates:
+        candidates.append(latest.path)
+    rejected = []
+    for path in candidates:
+        with type(latest)(path=path, filesystem=latest.filesystem).as_directory() as d:
+            problem = verify_checkpoint(d)
+            if problem is None:
+                if path != latest.path:
+                    log.warning("resuming from %s (step %d), not from Ray's latest registered checkpoint %s: %s", path,
+                                read_train_state(d).global_step, latest.path,
+                                "; ".join(rejected) if rejected else "it is newer, complete but unregistered (the worker group "
+                                "died before Ray's controller recorded it)")
+                return path
+        rejected.append(f"{path}: {problem}")
+    raise RuntimeError("no complete checkpoint to resume from: " + "; ".join(rejected) +
+                       f". Delete {run_dir} (or choose a new run_name) to start over from step 0")
+
+
 def export_model(path: str | Path, model, tokenizer, method: str) -> None:
     """Write the final adapter (PEFT folder) or, for method full, the whole model.
 
@@ -132,6 +246,14 @@ def export_model(path: str | Path, model, tokenizer, method: str) -> None:
 def _param_name(key: str) -> str:
     # DDP prefixes parameter names with "module."; state-dict keys do not carry it.
     return key if not key.startswith("module.") else key[len("module."):]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _rank() -> int:

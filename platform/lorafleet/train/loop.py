@@ -1,7 +1,7 @@
 """The Ray Train worker recipe: one function that every worker runs.
 
 Reads top to bottom like torchtune's recipes / Ray Train's FSDP2 guide: load data and
-model, wrap for data parallelism, resume from the latest checkpoint, train with gradient
+model, wrap for data parallelism, resume from the latest complete checkpoint, train with gradient
 accumulation and a Transformers LR scheduler, and at fixed step intervals log, evaluate
 (loss + generation metrics), checkpoint. Everything that decides *when* to do a
 collective depends only on the step count, so all ranks stay in lock-step.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import resource
 import tempfile
 import time
@@ -21,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from lorafleet.config.train import FinetuneConfig
-from lorafleet.train.checkpoint import (ADAPTER_DIR, TrainState, export_model, load_training_checkpoint,
-                                        save_training_checkpoint, write_train_state)
+from lorafleet.train.checkpoint import (ADAPTER_DIR, TrainState, choose_resume_checkpoint, export_model,
+                                        load_training_checkpoint, save_training_checkpoint, write_manifest,
+                                        write_train_state)
 from lorafleet.train.model import count_parameters, load_base_model, load_tokenizer, wrap_peft
 from lorafleet.train.parallel import apply_ddp, apply_deepspeed, apply_fsdp2, unwrap
 
@@ -80,6 +82,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        checkpoint = choose_resume_checkpoint(checkpoint)  # Ray's latest may be half-written or corrupt
         with checkpoint.as_directory() as ckpt_dir:
             state = _load(ckpt_dir, engine, model, optimizer, scheduler, trainable_only)
         state.resumed_from_step = state.global_step
@@ -156,6 +159,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             if logger:
                 logger.log({k: v for k, v in metrics.items() if k not in ("step",)}, step=step)
+                if final:
+                    # Flush before the final checkpoint, so that what MLflow never got (server down to
+                    # the end) is recorded in it and reaches result.json through the driver.
+                    report = logger.close()
+                    state.tracking = {"unsent_metrics": report["pending"], "errors": report["errors"]}
             if do_eval or do_ckpt:
                 _report(metrics, cfg, rank, engine, model, optimizer, scheduler, state, tokenizer, trainable_only, do_ckpt, final)
             elif rank == 0:
@@ -168,7 +176,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model.train()
 
     if logger:
-        logger.close()
+        logger.close()  # already closed at the final step, unless this attempt resumed a finished run
 
 
 def build_optimizer(model, cfg: FinetuneConfig):
@@ -202,6 +210,7 @@ def _report(metrics, cfg, rank, engine, model, optimizer, scheduler, state, toke
             save_training_checkpoint(tmp, model, optimizer, scheduler, state, trainable_only)
         if final:
             export_model(Path(tmp) / ADAPTER_DIR, engine.module if engine else model, tokenizer, cfg.method)
+        write_manifest(tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -271,6 +280,10 @@ def _make_logger(tracking: dict | None, rank: int):
         return None
     from lorafleet.tracking import MetricsLogger, WandbSettings
 
+    # The logger retries on its own (backoff capped at 30 s, every 0.5 s while flushing at the end).
+    # MLflow's HTTP retries (7, backoff up to 120 s) would hold its sender inside one call for minutes,
+    # blind to a server that is back. The logger is the only MLflow user in a training worker.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     wandb = WandbSettings(**tracking["wandb"]) if tracking.get("wandb") else None
     try:
         logger = MetricsLogger(tracking["tracking_uri"], tracking["run_id"], wandb=wandb)

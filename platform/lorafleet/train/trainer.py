@@ -64,9 +64,9 @@ def ensure_ray(num_cpus_needed: float) -> None:
         env = {k: v for k, v in env.items() if k not in job_env}
         ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
     else:
-        # Loopback only: a local cluster is not reachable from other hosts.
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed) + 2), _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": env})
+        from lorafleet.ray_local import start_local_ray
+
+        start_local_ray(max(os.cpu_count() or 1, int(num_cpus_needed) + 2), runtime_env={"env_vars": env})
 
 
 # Fields that do not change what a checkpoint contains: a resumed run may differ in these.
@@ -143,6 +143,13 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list | None = None, parent_r
 
     ``callbacks`` go to the Ray Train run (a sweep passes Tune's ``TuneReportCallback``);
     ``parent_run_id`` nests the MLflow run under a sweep's parent run.
+
+    Tracking never fails a run that trained: once training is done, the adapter and
+    ``result.json`` are written before MLflow is touched, and what MLflow did not get (step
+    metrics still buffered at the end, final metrics, artifacts, registration) is listed in
+    ``result["tracking"]`` (``ok`` false) and logged as an error; the call still returns
+    normally (a job exits 0). Re-running the same run name once MLflow is back finishes the
+    MLflow run and registers the adapter from the final checkpoint.
     """
     started = time.time()
     cfg = resolve_local_paths(cfg)
@@ -210,21 +217,51 @@ def _finalise(cfg, result, run_id, data, tags, out: Path, started: float) -> dic
         "mlflow_run_id": run_id,
         "registered_model": None,
         "registered_version": None,
+        # ok: MLflow has every step metric, the final metrics and artifacts, and the registered version
+        # asked for (null until MLflow has been tried); errors also lists outages the step metrics
+        # survived. The whole entry is null when tracking is disabled.
+        "tracking": {"ok": None, "unsent_metrics": state.tracking.get("unsent_metrics", 0),
+                     "errors": list(state.tracking.get("errors", []))} if run_id else None,
         "elapsed_s": round(time.time() - started, 1),
         "history": state.history,  # rank 0's metrics at every logging / evaluation step
     }
-    if run_id:
-        from lorafleet.tracking import finish_run, register_adapter
-
-        # The adapter must be an artifact before a model version can point at it.
-        finish_run(cfg.tracking, run_id, metrics, {ADAPTER_DIR: str(adapter_dst), "plots": curve}, status="FINISHED")
-        if cfg.tracking.register_as:
-            name, version = register_adapter(cfg.tracking, run_id, ADAPTER_DIR, tags=_version_tags(cfg, data))
-            res["registered_model"], res["registered_version"] = name, str(version)
+    # Written before MLflow is touched: an unreachable server can take minutes to give up (HTTP retries).
     (out / "result.json").write_text(json.dumps(res, indent=2))
+    if run_id:
+        _finish_tracking(cfg, run_id, metrics, adapter_dst, curve, data, res)
+        (out / "result.json").write_text(json.dumps(res, indent=2))
     if cfg.push_to_hub.repo_id:
         push_adapter_to_hub(adapter_dst, cfg.push_to_hub.repo_id, cfg.push_to_hub.private)
     return res
+
+
+def _finish_tracking(cfg, run_id, metrics, adapter_dst: Path, curve, data, res) -> None:
+    """Final metrics, artifacts and registration; failures go to ``res["tracking"]``, never up."""
+    from lorafleet.tracking import finish_run, register_adapter
+
+    tracking = res["tracking"]
+    failed = []
+    try:
+        # The adapter must be an artifact before a model version can point at it. The final metrics go
+        # at the final step (rank 0 logged the same values there, unless MLflow was down), not step 0.
+        finish_run(cfg.tracking, run_id, metrics, {ADAPTER_DIR: str(adapter_dst), "plots": curve}, status="FINISHED",
+                   step=int(metrics.get("step", 0)))
+    except Exception as exc:  # noqa: BLE001 - reported, the adapter is on disk
+        failed.append(f"finishing the MLflow run: {exc}")
+    if cfg.tracking.register_as:
+        try:
+            name, version = register_adapter(cfg.tracking, run_id, ADAPTER_DIR, tags=_version_tags(cfg, data))
+            res["registered_model"], res["registered_version"] = name, str(version)
+        except Exception as exc:  # noqa: BLE001
+            failed.append(f"registering {cfg.tracking.register_as}: {exc}")
+    tracking["errors"] += failed
+    tracking["ok"] = not failed and not tracking["unsent_metrics"]
+    if not tracking["ok"]:
+        lost = [f"{tracking['unsent_metrics']} step metric value(s) never reached MLflow"] if tracking["unsent_metrics"] else []
+        log.error("TRACKING INCOMPLETE for run %s (MLflow run %s): %s. Training succeeded: the adapter is in %s, "
+                  "result.json beside it.%s", cfg.run_name, run_id, "; ".join(lost + failed), adapter_dst,
+                  " Re-run the same run name once MLflow is reachable to finish the MLflow run and register the adapter."
+                  if failed else "")
 
 
 def push_adapter_to_hub(folder: Path, repo_id: str, private: bool) -> None:
