@@ -127,3 +127,6 @@ def test_gpu_serving_config_holds_100_plus_adapters():
     assert e.max_cpu_loras >= 100 and e.max_loras <= e.max_cpu_loras
     assert cfg.tenancy.registry_url.startswith("postgresql://")  # every replica on every node reads one registry
     assert d.autoscaling.max_replicas <= 12
+    # tenants of a shared cluster cannot register each other's models or folders
+    assert cfg.tenancy.scoped_models("acme") == ["acme~*"]
+    assert cfg.tenancy.scoped_roots("acme") == ["/mnt/shared/adapters/acme"]

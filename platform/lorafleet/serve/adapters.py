@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import json
 import logging
@@ -97,9 +98,10 @@ def content_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def inside_roots(path: Path, roots: list[str]) -> bool:
-    """Whether the real path (symlinks resolved) lies inside one of the real roots."""
-    real = path.resolve(strict=True)
+def inside_roots(path: Path, roots: list[str], strict: bool = True) -> bool:
+    """Whether the real path (symlinks resolved) lies inside one of the real roots (that exist).
+    ``strict=False``: ``path`` need not exist (the part of it that does is resolved)."""
+    real = path.expanduser().resolve(strict=strict)
     for root in roots:
         try:
             root_real = Path(root).expanduser().resolve(strict=True)
@@ -154,31 +156,55 @@ class AdapterStore:
         return inspect_adapter(folder, self.base_spec(), max_lora_rank=self.cfg.engine.max_lora_rank,
                                max_bytes=self.cfg.tenancy.max_adapter_bytes, allowed_roots=roots)
 
-    def fetch(self, name: str, source: str):
-        """Validate ``source`` and store a copy: ``(folder, sha256, AdapterInfo)``. Blocking; raises AdapterError (4xx)."""
+    def fetch(self, name: str, source: str, tenant: Optional[str] = None):
+        """Validate ``source`` and store a copy: ``(folder, sha256, AdapterInfo)``. Blocking; raises AdapterError (4xx).
+
+        ``tenant``: the tenant registering it, whose ``tenancy.tenant_models`` /
+        ``tenant_local_roots`` rules the source must also pass (None: the config's own adapters)."""
         from lorafleet.serve.validation import AdapterRefused
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         try:
             if source.startswith("models:"):
+                self._check_tenant_model(name, source, tenant)
                 return self._from_registry(name, source)
-            return self._from_local(name, source)
+            return self._from_local(name, source, tenant)
         except AdapterRefused as exc:
             if str(exc).startswith(f"adapter {name!r}"):
                 raise
             raise AdapterRefused(f"adapter {name!r} ({source}): {exc}", exc.status, exc.code) from None
 
-    def _from_local(self, name: str, source: str):
+    def _check_tenant_model(self, name: str, source: str, tenant: Optional[str]) -> None:
+        """403 unless ``tenant`` may serve the registered model ``source`` names (``tenancy.tenant_models``).
+        Checked before anything is looked up, so a refusal says nothing about what the registry holds."""
+        from lorafleet.serve.validation import AdapterRefused
+
+        patterns = self.cfg.tenancy.scoped_models(tenant) if tenant is not None else []
+        model = re.split(r"[/@]", source[len("models:/"):], maxsplit=1)[0]
+        if patterns and not any(fnmatch.fnmatchcase(model, p) for p in patterns):
+            raise AdapterRefused(f"adapter {name!r}: registered model {model!r} is not one tenant {tenant!r} may serve "
+                                 f"(this server's rule: {', '.join(patterns)}); register your adapters under such a name",
+                                 403, "source_not_allowed")
+
+    def _from_local(self, name: str, source: str, tenant: Optional[str] = None):
         from lorafleet.serve.validation import AdapterRefused
 
         path = Path(source).expanduser()
+        scoped = self.cfg.tenancy.scoped_roots(tenant) if tenant is not None else []
+        # The tenant rule first, on the real path as far as it exists: a refusal must not tell
+        # a tenant whether something exists outside its own folders.
+        if scoped and not inside_roots(path, scoped, strict=False):
+            raise AdapterRefused(f"adapter {name!r}: {source} is outside the folders of tenant {tenant!r} "
+                                 f"({', '.join(scoped)}); put it inside one of them", 403, "path_not_allowed")
         if not path.exists():
             raise AdapterRefused(f"adapter {name!r}: local source {source} does not exist", 404, "adapter_not_found")
         if not inside_roots(path, self.cfg.allowed_local_roots):
             raise AdapterRefused(f"adapter {name!r}: {source} (real path {path.resolve()}) is outside the server's allowed local roots; "
                                  "put it inside one of them (tenancy: ask the operator) or register it in MLflow", 403, "path_not_allowed")
         real = path.resolve(strict=True)
-        self.inspect(real, self.cfg.allowed_local_roots)  # refuse before copying anything
+        # Symlinks inside the folder must stay inside the same roots as the folder itself.
+        roots = [r for r in scoped if inside_roots(Path(r), self.cfg.allowed_local_roots, strict=False)] if scoped else self.cfg.allowed_local_roots
+        self.inspect(real, roots)  # refuse before copying anything
         return self._store(name, real)
 
     def _from_registry(self, name: str, source: str):

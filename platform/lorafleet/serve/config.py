@@ -32,6 +32,8 @@ from lorafleet.config.base import ConfigError, StrictModel, apply_overrides, rea
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 APP_IMPORT_PATH = "lorafleet.serve.app:build_app"
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the registry's tenant names
+_TENANT_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789._-"  # every character TENANT_NAME admits
 _MODELS_URI = re.compile(r"^models:/[^/@]+(/[^/]+|@[^/]+)/?$")
 
 
@@ -192,6 +194,39 @@ class TenancySettings(StrictModel):
     poll_interval_s: float = Field(1.0, gt=0, le=60, description="How often every replica checks the registry for changes: a change made through one replica reaches all others within this time (plus one query).")
     max_adapter_bytes: int = Field(2 * 2**30, ge=1024, description="Largest adapter folder accepted at registration (413 above).")
     base_aliases: list[str] = Field(default_factory=list, description="Other names the base model is known by: an adapter whose adapter_config.json names one of them as its base is accepted.")
+    tenant_models: list[str] = Field(default_factory=list, description="Registered MLflow models a tenant may serve through `models:/` sources: fnmatch patterns of the model name in which `{tenant}` stands for the caller's tenant, e.g. `{tenant}~*` (acme: `acme~intent`). `{tenant}` must be followed by a character tenant names cannot hold (`~`) or end the pattern, and no wildcard may precede it, so no tenant's pattern matches another's names. Empty: any registered model, which lets one tenant serve an adapter another tenant trained; set this (and tenant_local_roots) when tenants do not trust each other.")
+    tenant_local_roots: list[str] = Field(default_factory=list, description="Folders a tenant's local sources must lie inside (after resolving symlinks), with `{tenant}` as one whole path component, e.g. `/srv/adapters/{tenant}`; a source must also lie inside allowed_local_roots. Empty: anywhere in allowed_local_roots, for every tenant.")
+
+    @field_validator("tenant_models")
+    @classmethod
+    def _per_tenant_models(cls, patterns: list[str]) -> list[str]:
+        bad = []
+        for p in patterns:
+            before, _, after = p.partition("{tenant}")
+            if "{tenant}" not in p or any(c in before for c in "*?[") or (after and (after[0] in _TENANT_CHARS or after[0] in "*?[")):
+                bad.append(p)
+        if bad:
+            raise ValueError(f"each pattern must contain `{{tenant}}` with no wildcard before it and, after it, the end of the pattern or a "
+                             f"character tenant names cannot hold (e.g. `{{tenant}}~*`); else one tenant's pattern also matches another "
+                             f"tenant's models (`acme-*` matches acme-corp's): {bad}")
+        return patterns
+
+    @field_validator("tenant_local_roots")
+    @classmethod
+    def _per_tenant_roots(cls, roots: list[str]) -> list[str]:
+        bad = [r for r in roots if not any(part == "{tenant}" for part in Path(r).parts)]
+        if bad:
+            raise ValueError(f"each folder must have `{{tenant}}` as one whole path component (e.g. /srv/adapters/{{tenant}}), "
+                             f"so no tenant's folder holds another's: {bad}")
+        return roots
+
+    def scoped_models(self, tenant: str) -> list[str]:
+        """``tenant_models`` for ``tenant`` (patterns of registered model names; empty: no rule)."""
+        return [p.replace("{tenant}", tenant) for p in self.tenant_models]
+
+    def scoped_roots(self, tenant: str) -> list[str]:
+        """``tenant_local_roots`` for ``tenant`` (folders; empty: no rule)."""
+        return [p.replace("{tenant}", tenant) for p in self.tenant_local_roots]
 
     def admin_digest(self) -> Optional[str]:
         """sha256 hex of the admin key from the config or the environment (None: admin API off)."""
@@ -250,6 +285,8 @@ class ServeConfig(StrictModel):
         local = [a.name for a in self.adapters if not a.is_registry]
         if local and not self.allowed_local_roots:
             problems.append(f"adapters {local} are local folders but allowed_local_roots is empty; list the folders adapters may be read from")
+        if self.tenancy.tenant_local_roots and not self.allowed_local_roots:
+            problems.append("tenancy.tenant_local_roots is set but allowed_local_roots is empty: a tenant's local source must lie inside both")
         if self.tenancy.max_pinned is not None and self.tenancy.max_pinned > e.max_loras - 1:
             problems.append(f"tenancy.max_pinned ({self.tenancy.max_pinned}) must be <= engine.max_loras - 1 ({e.max_loras - 1}): "
                             "pinned adapters hold GPU slots for good and one slot must stay free for the others")
@@ -301,6 +338,7 @@ class ServeConfig(StrictModel):
         data["model"] = fix(self.model)
         data["tokenizer"] = fix(self.tokenizer)
         data["allowed_local_roots"] = [str((root / Path(r).expanduser())) for r in self.allowed_local_roots]
+        data["tenancy"]["tenant_local_roots"] = [str((root / Path(r).expanduser())) for r in self.tenancy.tenant_local_roots]
         if self.adapter_cache_dir:
             data["adapter_cache_dir"] = str(root / Path(self.adapter_cache_dir).expanduser())
         data["mlflow_tracking_uri"] = _absolute_sqlite(self.mlflow_tracking_uri, root)

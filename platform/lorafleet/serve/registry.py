@@ -42,12 +42,13 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from lorafleet.serve.config import TENANT_NAME
+
 # vLLM lora_int_ids of runtime adapter versions start here; ids below belong to the adapters
 # of the config file (1..N) and the CPU base stand-in (N+1).
 RUNTIME_LORA_ID_BASE = 1_000_000
 KEY_PREFIX = "lfk"
 _KEY = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{12}})_([0-9a-f]{{64}})$")
-_TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 QUOTA_FIELDS = ("max_adapters", "requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
 
 
@@ -219,7 +220,7 @@ def parse_key(secret: str) -> Optional[str]:
 
 
 def check_tenant_name(name: str) -> str:
-    if not _TENANT_NAME.match(name or ""):
+    if not TENANT_NAME.match(name or ""):
         raise RegistryError(f"tenant name {name!r} is invalid: use 1-63 lowercase letters, digits and `._-`, starting with a letter or digit")
     return name
 

@@ -289,7 +289,7 @@ class Tenancy:
             raise bad_request("`source` must be a string: models:/<name>/<version>, models:/<name>@<alias> or an absolute local folder.", "source")
         try:
             check_source(source)
-            folder, digest, info = await asyncio.to_thread(self.store.fetch, f"{tenant.name}/{name}", source)
+            folder, digest, info = await asyncio.to_thread(self.store.fetch, f"{tenant.name}/{name}", source, tenant.name)
         except AdapterError as exc:
             raise adapter_error(exc) from None
         return AdapterVersion(source, str(folder), digest, info.rank, info.size_bytes)
