@@ -77,8 +77,18 @@ def test_three_nodes_of_four_a100(cluster):
 
 def test_nodes_install_the_gpu_profile_and_share_tracking(cluster):
     setup = "\n".join(cluster["setup_commands"])
-    assert "download.pytorch.org/whl/cu" in setup  # CUDA torch before the package
-    assert '[gpu]"' in setup and "/home/ubuntu/lorafleet" in cluster["file_mounts"]
+    # one pip command from PyPI: vllm==0.32.0 pins the CUDA torch (the exact command and its
+    # resolution are checked by test_install_resolution.py); no torch from another index first
+    assert '"/home/ubuntu/lorafleet[gpu,postgres,wandb]"' in setup and "/home/ubuntu/lorafleet" in cluster["file_mounts"]
+    assert "download.pytorch.org" not in setup
+    # PyPI's torch 2.13.0 is built for CUDA 13.0: the nodes need an NVIDIA driver >= 580
+    for spec in cluster["available_node_types"].values():
+        image = spec["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+        driver = int(image.rsplit("-nvidia-", 1)[1])
+        assert driver >= 580, image
+        assert "ubuntu-2404" in image  # Python 3.12; vLLM 0.32 refuses the 3.10 of Ubuntu 22.04
+    # MLflow's PostgreSQL URL names the driver the `postgres` extra installs
+    assert "postgresql+psycopg2://" in "\n".join(cluster["head_setup_commands"])
     starts = "\n".join(cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"])
     assert starts.count("MLFLOW_TRACKING_URI=http://") == 2  # every node's Ray processes reach the one MLflow server
     assert "mlflow server" in "\n".join(cluster["head_setup_commands"])
