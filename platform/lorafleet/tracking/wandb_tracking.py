@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -83,6 +84,9 @@ class WandbRun:
 
     def __init__(self, settings: WandbSettings):
         _require_api_key(settings.mode)
+        if importlib.util.find_spec("wandb") is None:  # an optional extra since W&B is opt-in
+            raise ImportError("tracking.wandb is set but wandb is not installed: pip install -e '.[wandb]' "
+                              "(make install and the cluster's setup include it), or set tracking.wandb: off")
         import wandb
 
         self.settings = settings
