@@ -94,7 +94,7 @@ def copy_adapter(serve_assets):
 
 @pytest.fixture(scope="session")
 def served(serve_assets, mlflow_adapter, tmp_path_factory, ray_cluster):
-    """One Ray Serve app for the session: two vLLM engine replicas on the tiny base, the config's
+    """One Ray Serve app for the session: two server replicas (each a vLLM engine) on the tiny base, the config's
     adapters (three local, one from MLflow under two URIs), anonymous calls allowed, an admin key,
     and a SQLite tenant registry in a temporary state dir. It runs on the session's one Ray (ray_cluster)."""
     from ray import serve
@@ -119,7 +119,7 @@ def served(serve_assets, mlflow_adapter, tmp_path_factory, ray_cluster):
         allowed_local_roots=[str(serve_assets.root / "adapters"), str(uploads)], mlflow_tracking_uri=tracking_uri,
         adapter_cache_dir=str(tmp_path_factory.mktemp("adapter-cache")),
         engine={"max_model_len": MAX_MODEL_LEN, "max_loras": 2, "max_cpu_loras": 4, "max_lora_rank": 8, "max_num_seqs": 4,
-                "kv_cache_memory_bytes": 64 * 2**20},
+                "kv_cache_memory_bytes": 64 * 2**20, "tool_call_parser": "hermes", "json_whitespace": False},
         # Two engines on a 2-core machine: one OpenMP thread each, unpinned, instead of both
         # binding every core and spinning against each other.
         deployment={"num_replicas": 2, "max_ongoing_requests": 4, "health_check_period_s": 5,

@@ -13,7 +13,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 
 @pytest.fixture(scope="module")
 def document() -> dict:
-    from lorafleet.serve.deployment import api
+    from lorafleet.serve.server import api
 
     return json.loads(json.dumps(api.openapi()))
 
@@ -53,6 +53,18 @@ def test_request_bodies_are_described(document, name, good, bad):
     v = _validator(document, name)
     assert not list(v.iter_errors(good))
     assert list(v.iter_errors(bad))
+
+
+def test_openai_bodies_are_vllms_own_request_models(document):
+    """The OpenAI routes take vLLM's request models, so every parameter vLLM's server accepts is
+    published (structured outputs, tools, vLLM's sampling extras), from the code itself."""
+    schemas = document["components"]["schemas"]
+    completion, chat = schemas["CompletionRequest"]["properties"], schemas["ChatCompletionRequest"]["properties"]
+    assert {"top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos", "prompt_logprobs", "response_format"} <= set(completion)
+    assert {"tools", "tool_choice", "response_format", "top_k", "repetition_penalty", "max_completion_tokens"} <= set(chat)
+    body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/ChatCompletionRequest")
+    assert {"/tokenize", "/detokenize"} <= set(document["paths"])
 
 
 def test_operations_carry_auth_and_error_shape(document):

@@ -42,7 +42,7 @@ pytestmark = [
 
 ADMIN_KEY = "reliability-admin-key-6f1c2b9e0d"
 MAX_TOKENS = 12  # the adapters' phrases fit; serve_assets' expected texts are for 12 new tokens
-REPLICA = "ServeReplica:lorafleet:LoRAEngine"
+REPLICA = "ServeReplica:lorafleet:LoRAServer"
 SOURCES = {"a": ("acme", ["alpha", "delta"]), "b": ("acme", ["beta"]), "c": ("globex", ["gamma", "beta"])}
 ERRORS_SEEN: list[str] = []  # every error body the module received, for the secrets check
 

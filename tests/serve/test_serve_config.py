@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from lorafleet.config.base import ConfigError
 from lorafleet.serve.adapters import AdapterCatalog, AdapterError, content_hash
 from lorafleet.serve.config import APP_IMPORT_PATH, ServeConfig, load_serve_config
-from lorafleet.serve.protocol import OpenAIError, parse_request
+from lorafleet.serve.errors import OpenAIError
 from serve_helpers import build_untrained_base
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,82 +108,96 @@ def test_overrides_and_bare_config_files(tmp_path):
 
 
 def test_builder_options_follow_the_config():
-    from lorafleet.serve.app import deployment_options
+    from lorafleet.serve.app import MANAGEMENT_HEADROOM, deployment_options
 
     cfg = ServeConfig(model="m", deployment={"num_replicas": None, "autoscaling": {"min_replicas": 1, "max_replicas": 4},
                                              "num_gpus": 1, "max_ongoing_requests": 64, "env_vars": {"HF_HOME": "/cache"}},
                       limits={"max_queued_requests": 100})
-    engine, ingress = deployment_options(cfg)
-    assert engine["ray_actor_options"]["runtime_env"] == {"env_vars": {"HF_HOME": "/cache"}}
-    assert "num_replicas" not in engine and engine["autoscaling_config"]["max_replicas"] == 4
-    assert engine["ray_actor_options"]["num_gpus"] == 1 and engine["max_queued_requests"] == 100
-    assert ingress["max_ongoing_requests"] > 4 * 64 + 100
+    options = deployment_options(cfg)
+    assert options["name"] == "LoRAServer"
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"HF_HOME": "/cache"}}
+    assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 4
+    assert options["ray_actor_options"]["num_gpus"] == 1 and options["max_queued_requests"] == 100
+    # Serve hands a replica more than its own admission bound (64 + 100), so that the replica's
+    # OpenAI-shaped 503 answers an overload, not Serve's plain-text back-pressure
+    assert options["max_ongoing_requests"] == 64 + 100 + MANAGEMENT_HEADROOM
 
 
 def test_engine_arguments_differ_only_by_device():
-    from lorafleet.serve.engine import engine_setup
+    from lorafleet.serve.engine import engine_setup, frontend_args
 
     cfg = ServeConfig(model="m", adapters=[{"name": "a", "source": "models:/a/1"}],
-                      engine={"max_loras": 2, "max_cpu_loras": 6, "max_lora_rank": 32, "max_model_len": 300})
+                      engine={"max_loras": 2, "max_cpu_loras": 6, "max_lora_rank": 32, "max_model_len": 300}, limits={"max_tokens": 77})
     cpu, gpu = engine_setup(cfg, device="cpu"), engine_setup(cfg, device="cuda")
     assert (cpu.args.dtype, cpu.args.enforce_eager, cpu.base_through_zero_adapter) == ("float32", True, True)
     assert (gpu.args.dtype, gpu.args.enforce_eager, gpu.base_through_zero_adapter) == ("bfloat16", False, False)
     for setup in (cpu, gpu):
         a = setup.args
         assert a.enable_lora and (a.max_loras, a.max_cpu_loras, a.max_lora_rank, a.max_model_len) == (2, 6, 32, 300)
-        assert a.served_model_name == "m"
+        assert a.served_model_name == ["m"] and a.override_generation_config == {"max_new_tokens": 77}
+        # vLLM's own frontend defaults, with the engine arguments: what init_app_state reads
+        front = frontend_args(cfg, setup)
+        assert front.max_loras == 2 and front.tool_call_parser is None and not front.enable_auto_tool_choice
+        assert front.response_role == "assistant" and front.served_model_name == ["m"]
+    tools = ServeConfig(model="m", engine={"tool_call_parser": "hermes", "json_whitespace": False})
+    setup = engine_setup(tools, device="cpu")
+    front = frontend_args(tools, setup)
+    assert front.tool_call_parser == "hermes" and front.enable_auto_tool_choice
+    assert setup.args.structured_outputs_config.disable_any_whitespace
 
 
-# --------------------------------------------------------------------------- requests
+# --------------------------------------------------------------------------- lorafleet's limits on top of vLLM's request models
 
 
-@pytest.mark.parametrize("kind, body, status, param", [
-    ("completions", {"model": "a", "prompt": "x", "best_of": 3}, 400, None),
-    ("completions", {"model": "a", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("completions", {"model": "a", "prompt": "x", "logit_bias": {"cat": 1}}, 400, "logit_bias"),
-    ("completions", {"model": "a", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
-    ("completions", {"model": "a", "prompt": []}, 400, None),
-    ("completions", {"prompt": "x"}, 400, "model"),
-    ("completions", ["not", "an", "object"], 400, None),
-    ("chat", {"model": "a", "messages": []}, 400, "messages"),
-    ("chat", {"model": "a", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
-    ("chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None),
-    ("chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400, "response_format.type"),
-    ("chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "n": 2, "stream_options": {"include_usage": True}}, 400, None),
-    ("chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "functions": [{}]}, 400, "functions"),
+def _completion(**fields):
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return CompletionRequest(**{"model": "a", "prompt": "x", **fields})
+
+
+def _chat(**fields):
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest(**{"model": "a", "messages": [{"role": "user", "content": "x"}], **fields})
+
+
+@pytest.mark.parametrize("kind, make, fields, param, code", [
+    ("completions", _completion, {"max_tokens": 65}, "max_tokens", "max_tokens_too_large"),
+    ("chat", _chat, {"max_completion_tokens": 65}, "max_completion_tokens", "max_tokens_too_large"),
+    ("chat", _chat, {"max_tokens": 1000}, "max_tokens", "max_tokens_too_large"),
+    ("completions", _completion, {"n": 5, "temperature": 1.0}, "n", None),
+    ("completions", _completion, {"prompt": ["a", "b", "c", "d", "e"]}, "prompt", None),
+    ("completions", _completion, {"prompt": [[1], [2], [3], [4], [5]]}, "prompt", None),
 ])
-def test_bad_requests_are_400_naming_the_parameter(kind, body, status, param):
+def test_the_servers_own_caps_are_400_naming_the_parameter(kind, make, fields, param, code):
+    from lorafleet.serve.config import LimitSettings
+    from lorafleet.serve.limits import apply_limits
+
     with pytest.raises(OpenAIError) as e:
-        parse_request(kind, body)
-    assert e.value.status == status and e.value.body()["error"]["type"] == "invalid_request_error"
-    if param is not None:
-        assert e.value.param == param, e.value.body()
+        apply_limits(kind, make(**fields), LimitSettings(max_tokens=64, max_n=4))
+    assert e.value.status == 400 and e.value.param == param and e.value.body()["error"]["type"] == "invalid_request_error"
+    if code:
+        assert e.value.code == code
 
 
-def test_valid_requests_parse():
-    req = parse_request("chat", {"model": "a", "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
-                                                            {"role": "user", "content": "hi"}],
-                                 "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 2, "response_format": {"type": "text"},
-                                 "user": "u1", "seed": 3, "stream": True, "stream_options": {"include_usage": True}})
-    assert req.requested_max_tokens() == 5
-    assert req.template_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    assert parse_request("completions", {"model": "a", "prompt": [[1, 2], [3]]}).prompts() == [[1, 2], [3]]
-    nulls = parse_request("completions", {"model": "a", "prompt": "x", "temperature": None, "n": None, "max_tokens": None, "stream": None})
-    assert (nulls.temperature, nulls.n, nulls.max_tokens, nulls.stream) == (1.0, 1, 16, False)  # null means default
+def test_requests_within_the_caps_pass_and_token_id_prompts_count_as_one():
+    from lorafleet.serve.config import LimitSettings
+    from lorafleet.serve.limits import apply_limits
+
+    limits = LimitSettings(max_tokens=64, max_n=4)
+    for kind, request in [("completions", _completion(max_tokens=64, n=4, temperature=1.0)), ("completions", _completion(prompt=[1, 2, 3] * 10)),
+                          ("chat", _chat(max_completion_tokens=64)), ("chat", _chat())]:
+        apply_limits(kind, request, limits)
 
 
-def test_chat_without_a_template_is_a_clear_400():
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
+def test_fields_that_reach_past_the_tenant_are_refused_by_name():
+    from lorafleet.serve.limits import refused_fields
 
-    from lorafleet.serve.generation import AdapterEngine
-
-    engine = object.__new__(AdapterEngine)  # only the prompt path: no vLLM engine needed
-    engine.cfg = ServeConfig(model="plain-base")
-    engine.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
-    with pytest.raises(OpenAIError) as e:
-        engine._encode_prompts(parse_request("chat", {"model": "plain-base", "messages": [{"role": "user", "content": "a"}]}))
-    assert e.value.status == 400 and e.value.code == "no_chat_template" and "/v1/completions" in e.value.message
+    for name in ("kv_transfer_params", "ec_transfer_params"):
+        with pytest.raises(OpenAIError) as e:
+            refused_fields(_completion(**{name: {"remote_host": "10.0.0.1"}}))
+        assert e.value.status == 400 and e.value.param == name and e.value.code == "unsupported_parameter"
+    refused_fields(_chat(top_k=5, repetition_penalty=1.2, ignore_eos=True))  # vLLM's own sampling fields pass
 
 
 # --------------------------------------------------------------------------- adapter sources

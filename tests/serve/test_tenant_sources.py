@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.serve.protocol import OpenAIError
+from lorafleet.serve.errors import OpenAIError
 from serve_helpers import BASE
 from testutils import record_scenario
 

@@ -4,8 +4,8 @@
 application's ``args`` (a :class:`ServeConfig` as a dict); Python code can pass a
 ``ServeConfig`` to :func:`app_from_config` and ``serve.run`` the result.
 
-The app is two deployments: ``OpenAIIngress`` (HTTP, cheap, routing by ``model``) bound to
-``LoRAEngine`` (one vLLM engine per replica, every adapter available on every replica).
+The app is one deployment, ``LoRAServer`` (:mod:`lorafleet.serve.server`): each replica is the
+FastAPI ingress and holds one vLLM engine with every adapter available (docs/serving.md).
 
 Example::
 
@@ -24,20 +24,22 @@ from ray.serve import Application
 
 from lorafleet.config.base import validate_config
 from lorafleet.serve.config import ServeConfig
-from lorafleet.serve.deployment import EngineDeployment, OpenAIIngress
 
-ENGINE_DEPLOYMENT = "LoRAEngine"
-INGRESS_DEPLOYMENT = "OpenAIIngress"
+SERVER_DEPLOYMENT = "LoRAServer"
+MANAGEMENT_HEADROOM = 32  # concurrent non-generation calls (health, metrics, /v1/adapters, /admin) per replica beyond the admission bound
 
 
-def deployment_options(cfg: ServeConfig) -> tuple[dict, dict]:
-    """Ray Serve options of (engine, ingress) derived from the config."""
+def deployment_options(cfg: ServeConfig) -> dict:
+    """Ray Serve options of the one deployment, derived from the config."""
     d = cfg.deployment
-    engine = {
-        "name": ENGINE_DEPLOYMENT,
-        "max_ongoing_requests": d.max_ongoing_requests,
-        # Requests beyond replicas x max_ongoing_requests wait here; past this bound the
-        # ingress's handle raises BackPressureError, answered as a 503.
+    # Each replica admits max_ongoing_requests + limits.max_queued_requests generation requests
+    # (vLLM runs up to max_num_seqs and queues the rest) and answers 503 + Retry-After past that
+    # (server.py). Serve's own per-replica limit sits above it, with room for health checks and
+    # management calls, so that the OpenAI-shaped 503 is what clients see.
+    admitted = d.max_ongoing_requests + cfg.limits.max_queued_requests
+    options = {
+        "name": SERVER_DEPLOYMENT,
+        "max_ongoing_requests": admitted + MANAGEMENT_HEADROOM,
         "max_queued_requests": cfg.limits.max_queued_requests,
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
         "health_check_period_s": d.health_check_period_s,
@@ -45,33 +47,23 @@ def deployment_options(cfg: ServeConfig) -> tuple[dict, dict]:
         "graceful_shutdown_timeout_s": 30,
     }
     if d.env_vars:
-        engine["ray_actor_options"]["runtime_env"] = {"env_vars": dict(d.env_vars)}
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(d.env_vars)}
     if d.autoscaling is not None:
-        engine["autoscaling_config"] = d.autoscaling.model_dump()
+        options["autoscaling_config"] = d.autoscaling.model_dump()
     else:
-        engine["num_replicas"] = d.num_replicas
-    replicas = d.num_replicas or (d.autoscaling.max_replicas if d.autoscaling else 1)
-    ingress = {
-        "name": INGRESS_DEPLOYMENT,
-        "num_replicas": d.ingress_replicas,
-        # The ingress only routes; it must admit more than the engines hold so that the
-        # queue bound (and its 503) is the engine handle's, not an opaque proxy timeout.
-        "max_ongoing_requests": max(1000, 2 * (replicas * d.max_ongoing_requests + cfg.limits.max_queued_requests)),
-        "ray_actor_options": {"num_cpus": 0},
-    }
-    return engine, ingress
+        options["num_replicas"] = d.num_replicas
+    return options
 
 
 def app_from_config(cfg: ServeConfig, root: Optional[Path] = None) -> Application:
     """The bound application for ``cfg`` (relative paths resolved against ``root`` / the cwd)."""
+    from lorafleet.serve.server import LoRAServer
+
     cfg = cfg.absolute(root)
     # The admin key leaves the driver only as its digest (read here from the config or the environment).
     digest = cfg.tenancy.admin_digest()
     cfg = cfg.model_copy(update={"tenancy": cfg.tenancy.model_copy(update={"admin_key": None, "admin_key_sha256": digest})})
-    engine_opts, ingress_opts = deployment_options(cfg)
-    data = cfg.model_dump(mode="json")
-    engine = serve.deployment(EngineDeployment).options(**engine_opts).bind(data)
-    return serve.deployment(OpenAIIngress).options(**ingress_opts).bind(data, engine)
+    return serve.deployment(LoRAServer).options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))
 
 
 def build_app(args: Union[dict, ServeConfig]) -> Application:

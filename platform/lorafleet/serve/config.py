@@ -83,6 +83,15 @@ class EngineSettings(StrictModel):
     seed: int = Field(0, description="Engine seed (requests may pass their own `seed`).")
     max_logprobs: int = Field(20, ge=0, le=20, description="Largest `logprobs` / `top_logprobs` a request may ask for.")
     log_engine_stats: bool = Field(False, description="Let vLLM log its periodic throughput lines.")
+    tool_call_parser: Optional[str] = Field(
+        None, description="vLLM tool-call parser for the base's tool-call format (`hermes`, `llama3_json`, `mistral`, ...): turns on tool "
+                          "calling (vLLM's --enable-auto-tool-choice --tool-call-parser). Without it, `tools` with a `tool_choice` "
+                          "other than none get vLLM's 400.")
+    chat_template: Optional[str] = Field(
+        None, description="A Jinja chat template (file path or the template itself) used instead of the tokenizer's (vLLM's --chat-template).")
+    json_whitespace: bool = Field(
+        True, description="Structured outputs (`response_format`, forced tool calls) may emit any JSON whitespace. false forbids it "
+                          "(vLLM's structured_outputs_config.disable_any_whitespace): small models otherwise tend to fill their budget with spaces.")
 
     # Rules within one section are checked by the section, so that they are listed together with
     # the problems of every other section; rules across sections are ServeConfig's.
@@ -111,10 +120,9 @@ class DeploymentSettings(StrictModel):
 
     num_replicas: Optional[int] = Field(1, ge=1, description="Fixed number of engine replicas, each with its own vLLM engine and every adapter. Set to null when `autoscaling` is given.")
     autoscaling: Optional[AutoscalingSettings] = Field(None, description="Scale engine replicas with load instead of a fixed num_replicas.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests one engine replica runs at once (vLLM batches them). Keep it >= engine.max_num_seqs.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica runs at once (vLLM batches them); up to limits.max_queued_requests more wait in its queue. Keep it >= engine.max_num_seqs.")
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per engine replica.")
     num_gpus: float = Field(0, ge=0, description="GPUs per engine replica (1 on a GPU cluster; vLLM uses the one Ray assigns).")
-    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (routing only, cheap). /metrics reports what the answering ingress replica saw; keep 1 for whole-app counters.")
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the engine replicas (Ray runtime_env), e.g. VLLM_CPU_OMP_THREADS_BIND, HF_HOME, HF_TOKEN.")
     health_check_period_s: float = Field(10, gt=0, description="How often Serve checks that each replica's engine is alive.")
     health_check_timeout_s: float = Field(60, gt=0, description="How long one health check may take before the replica is restarted.")
@@ -166,7 +174,7 @@ class LimitSettings(StrictModel):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted (413 above it).")
     max_tokens: int = Field(1024, ge=1, description="Cap on `max_tokens` / `max_completion_tokens` of one request (400 above it); also the default for chat requests that give none (bounded by the context).")
     max_n: int = Field(8, ge=1, description="Cap on `n` (choices per prompt) and on the number of prompts in one completions request.")
-    max_queued_requests: int = Field(128, ge=1, description="Requests waiting for a free engine slot (beyond replicas x max_ongoing_requests) before new ones get 503 (Serve's max_queued_requests).")
+    max_queued_requests: int = Field(128, ge=1, description="Requests one replica holds waiting beyond its deployment.max_ongoing_requests (in vLLM's queue) before new ones get 503 + Retry-After; also the bound of Serve's own queue.")
 
 
 class QuotaSettings(StrictModel):

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -43,6 +44,7 @@ class EngineSetup:
 
 def engine_setup(cfg: ServeConfig, device: Optional[str] = None) -> EngineSetup:
     """vLLM ``AsyncEngineArgs`` for ``cfg`` on ``device`` (default: detected)."""
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     device = device or detect_device()
@@ -56,7 +58,7 @@ def engine_setup(cfg: ServeConfig, device: Optional[str] = None) -> EngineSetup:
     args = AsyncEngineArgs(
         model=cfg.model,
         tokenizer=cfg.tokenizer,
-        served_model_name=cfg.base_model_name,
+        served_model_name=[cfg.base_model_name],
         dtype=dtype,
         max_model_len=e.max_model_len,
         enable_lora=True,
@@ -71,5 +73,24 @@ def engine_setup(cfg: ServeConfig, device: Optional[str] = None) -> EngineSetup:
         max_logprobs=e.max_logprobs,
         disable_log_stats=not e.log_engine_stats,
         enable_log_requests=False,
+        # The server's cap is vLLM's ceiling too: a request without max_tokens gets min(cap, room left).
+        override_generation_config={"max_new_tokens": cfg.limits.max_tokens},
+        # vLLM accepts disable_any_whitespace only with a named backend; xgrammar is its default choice.
+        structured_outputs_config=(StructuredOutputsConfig() if e.json_whitespace
+                                   else StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)),
     )
     return EngineSetup(device=device, args=args, base_through_zero_adapter=on_cpu)
+
+
+def frontend_args(cfg: ServeConfig, setup: EngineSetup) -> argparse.Namespace:
+    """The flat namespace vLLM's ``init_app_state`` reads: vLLM's own ``FrontendArgs`` defaults, the
+    few this server exposes, and the engine arguments (what ``vllm serve``'s parser produces and
+    ``ray.serve.llm`` builds the same way)."""
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    e = cfg.engine
+    # vLLM 0.32 uses a tool parser only with auto tool choice on (vllm/parser/parser_manager.py),
+    # and a named tool_choice needs the parser: one setting turns both on.
+    front = FrontendArgs(tool_call_parser=e.tool_call_parser, enable_auto_tool_choice=e.tool_call_parser is not None,
+                         chat_template=e.chat_template)
+    return argparse.Namespace(**(vars(front) | vars(setup.args)))

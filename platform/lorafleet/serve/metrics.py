@@ -1,9 +1,11 @@
 """Prometheus metrics of the server, scraped at ``GET /metrics`` on the app's HTTP port.
 
-Every request passes through the ingress, so the ingress counts requests, tokens, latency
-and time to first token per model (the base's name or the adapter's). Adapter loads and
-evictions happen inside each engine replica's vLLM; each response carries that replica's
-cumulative counts, and the ingress reports the sum over the replicas it has heard from.
+Each server replica counts the requests it answered: requests, tokens, latency, and time to
+first token of streamed requests, per model (the base's name or the adapter's), plus the
+adapter loads and evictions its vLLM engine made. A scrape lands on one replica, so every
+replica publishes a snapshot of its counts with its registry state on each sync tick, and
+``/metrics`` answers the sum over the live replicas (its own counts read live): whichever
+replica answers, the counters are the app's.
 
 Metric names::
 
@@ -15,6 +17,8 @@ Metric names::
     lorafleet_adapter_loads_total{adapter}       lorafleet_adapter_evictions_total{adapter}
     lorafleet_adapters_loaded{replica}
 
+Time to first token is known for streamed requests (a non-streamed response arrives whole).
+
 Who sees what: the admin key every series; a tenant's key the series of its own adapters
 (``<tenant>/<adapter>``); no key the series of the shared models only. Point Prometheus at
 ``/metrics`` with the admin key as its bearer token.
@@ -22,50 +26,65 @@ Who sees what: the admin key every series; a tenant's key the series of its own 
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 
-class _AdapterActivity:
-    """Collector summing the latest cumulative adapter counts each engine replica reported."""
+def _activity_families(activities: list[tuple[str, dict]]):
+    """Adapter loads/evictions summed over replicas, and what each replica holds."""
+    loads = CounterMetricFamily("lorafleet_adapter_loads", "Adapters loaded into a vLLM engine (summed over replicas).", labels=["adapter"])
+    evictions = CounterMetricFamily("lorafleet_adapter_evictions", "Adapters evicted from a vLLM engine's LRU (summed over replicas).", labels=["adapter"])
+    loaded = GaugeMetricFamily("lorafleet_adapters_loaded", "Adapters held by each engine replica at its last report.", labels=["replica"])
+    for key, family in (("loads", loads), ("evictions", evictions)):
+        totals: dict[str, int] = {}
+        for _, activity in activities:
+            for name, count in activity.get(key, {}).items():
+                totals[name] = totals.get(name, 0) + count
+        for name, count in sorted(totals.items()):
+            family.add_metric([name], count)
+    for replica, activity in sorted(activities):
+        loaded.add_metric([replica], len(activity.get("loaded", [])))
+    return [loads, evictions, loaded]
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._by_replica: dict[str, dict] = {}
 
-    def update(self, replica: str, activity: dict) -> None:
-        with self._lock:
-            self._by_replica[replica] = activity
+def _vllm_families() -> list:
+    """vLLM's metric families in this process (empty where no engine runs)."""
+    from prometheus_client import REGISTRY
+
+    return [f for f in REGISTRY.collect() if f.name.startswith("vllm:")]
+
+
+class _Merged:
+    """A collector over several replicas' snapshots: each series summed (families as this process defines them)."""
+
+    def __init__(self, registry: CollectorRegistry, snapshots: list[dict]):
+        self.registry, self.snapshots = registry, snapshots
 
     def collect(self):
-        with self._lock:
-            replicas = dict(self._by_replica)
-        loads = CounterMetricFamily("lorafleet_adapter_loads", "Adapters loaded into a vLLM engine (summed over replicas).", labels=["adapter"])
-        evictions = CounterMetricFamily("lorafleet_adapter_evictions", "Adapters evicted from a vLLM engine's LRU (summed over replicas).", labels=["adapter"])
-        loaded = GaugeMetricFamily("lorafleet_adapters_loaded", "Adapters held by each engine replica at its last report.", labels=["replica"])
-        for key, family in (("loads", loads), ("evictions", evictions)):
-            totals: dict[str, int] = {}
-            for activity in replicas.values():
-                for name, count in activity.get(key, {}).items():
-                    totals[name] = totals.get(name, 0) + count
-            for name, count in sorted(totals.items()):
-                family.add_metric([name], count)
-        for replica, activity in sorted(replicas.items()):
-            loaded.add_metric([replica], len(activity.get("loaded", [])))
-        return [loads, evictions, loaded]
+        totals: dict[tuple, float] = {}
+        for snap in self.snapshots:
+            for family, sample, labels, value in snap.get("samples", []):
+                key = (family, sample, tuple(sorted(labels.items())))
+                totals[key] = totals.get(key, 0.0) + value
+        for template in [*self.registry.collect(), *_vllm_families()]:
+            family = Metric(template.name, template.documentation, template.type, template.unit)
+            for (name, sample, labels), value in sorted(totals.items()):
+                if name == template.name:
+                    family.add_sample(sample, dict(labels), value)
+            yield family
+        yield from _activity_families([(s.get("replica", "?"), s.get("activity", {})) for s in self.snapshots])
 
 
 class ServeMetrics:
-    """The ingress's metrics in a private registry (no clash with Ray's or vLLM's globals)."""
+    """One replica's metrics in a private registry (no clash with Ray's or vLLM's globals)."""
 
-    def __init__(self):
+    def __init__(self, replica: str = "local"):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("lorafleet_requests", "Requests answered, by model, endpoint and HTTP status.", ["model", "endpoint", "status"], registry=r)
@@ -73,9 +92,8 @@ class ServeMetrics:
         self.completion_tokens = Counter("lorafleet_completion_tokens", "Completion tokens generated.", ["model"], registry=r)
         self.latency = Histogram("lorafleet_request_latency_seconds", "Time from request arrival to the last byte.", ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time from request arrival to the first generated token.", ["model", "endpoint"], buckets=_TTFT_BUCKETS, registry=r)
-        self.in_flight = Gauge("lorafleet_requests_in_flight", "Requests the ingress is handling now.", registry=r)
-        self.adapters = _AdapterActivity()
-        r.register(self.adapters)
+        self.in_flight = Gauge("lorafleet_requests_in_flight", "Requests the server replicas are handling now.", registry=r)
+        self.replica = replica
 
     def observe(self, model: str, endpoint: str, status: int, latency_s: float, ttft_s: Optional[float] = None,
                 usage: Optional[dict] = None) -> None:
@@ -88,12 +106,27 @@ class ServeMetrics:
             self.prompt_tokens.labels(model).inc(usage.get("prompt_tokens", 0))
             self.completion_tokens.labels(model).inc(usage.get("completion_tokens", 0))
 
-    def render(self, tenant: Optional[str] = "") -> bytes:
-        """The text exposition: every series (``tenant`` None), or only the series of one tenant's
-        adapters (labels ``<tenant>/...``), or with ``""`` only those of the shared models."""
+    def snapshot(self, activity: dict) -> dict:
+        """This replica's counts as plain data (published to the registry; see the module docstring).
+
+        vLLM's own engine series (``vllm:*``, from the process-wide registry its stat logger fills)
+        come along with a ``replica`` label: a gauge such as KV-cache usage is per engine, so they
+        are shown per replica for Prometheus to aggregate, not summed here.
+        """
+        samples = [[family.name, sample.name, dict(sample.labels), sample.value]
+                   for family in self.registry.collect() for sample in family.samples if not sample.name.endswith("_created")]
+        for family in _vllm_families():
+            samples += [[family.name, sample.name, {**sample.labels, "replica": self.replica}, sample.value]
+                        for sample in family.samples if not sample.name.endswith("_created")]
+        return {"replica": self.replica, "samples": samples, "activity": activity}
+
+    def render(self, tenant: Optional[str], snapshots: list[dict]) -> bytes:
+        """The text exposition of ``snapshots`` summed: every series (``tenant`` None), or only the series
+        of one tenant's adapters (labels ``<tenant>/...``), or with ``""`` only those of the shared models."""
+        merged = _Merged(self.registry, snapshots)
         if tenant is None:
-            return generate_latest(self.registry)
-        return generate_latest(_Scoped(self.registry, tenant))
+            return generate_latest(merged)
+        return generate_latest(_Scoped(merged, tenant))
 
 
 class _Scoped:
@@ -101,7 +134,7 @@ class _Scoped:
     (``""``: the shared models, names without a tenant prefix). Series without such labels
     (in-flight gauge, per-replica counts) are the operator's and left out."""
 
-    def __init__(self, registry: CollectorRegistry, tenant: str):
+    def __init__(self, registry, tenant: str):
         self.registry, self.tenant = registry, tenant
 
     def _mine(self, labels: dict) -> bool:

@@ -1,10 +1,9 @@
 """The server's OpenAPI document: FastAPI's routes plus what FastAPI cannot see.
 
-The routes read their JSON bodies themselves (size limits, OpenAI-shaped errors), so FastAPI
-alone would publish no request schemas. This adds them: the completions and chat requests
-from their pydantic models (``lorafleet.serve.protocol``), the management bodies from the
-field table Tenancy validates against (``lorafleet.serve.tenancy.BODIES``), the error shape,
-and bearer authentication. The running server publishes the result at ``/openapi.json``
+The OpenAI routes take vLLM's own request models as their bodies, so FastAPI publishes those
+schemas itself. The management routes still read their JSON bodies themselves; this adds
+their schemas from the field table Tenancy validates against (``lorafleet.serve.tenancy.BODIES``),
+the error shape, and bearer authentication. The running server publishes the result at ``/openapi.json``
 (``/docs`` renders it); ``make docs`` commits a copy as ``docs/openapi.json``::
 
     python -m lorafleet.serve.openapi > docs/openapi.json
@@ -21,16 +20,16 @@ ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
         "message": {"type": "string"}, "type": {"type": "string"},
-        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
-    "description": "OpenAI's error shape; `code` names the case (invalid_api_key, model_not_found, context_length_exceeded, "
-                   "adapter_exists, version_conflict, rate_limit_exceeded, overloaded, ...). README: Serve / errors.",
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}}}},
+    "description": "OpenAI's error shape. lorafleet's own refusals name the case in `code` (invalid_api_key, model_not_found, "
+                   "max_tokens_too_large, adapter_exists, version_conflict, rate_limit_exceeded, overloaded, ...); errors vLLM's "
+                   "OpenAI layer raises (sampling parameters, context length, structured outputs) carry the HTTP status as `code`, "
+                   "as vLLM's own server does. README: Serve / errors.",
 }
 
 
 # (path, method) -> (request body schema, required)
 ROUTE_BODIES = {
-    ("/v1/completions", "post"): ("CompletionRequest", True),
-    ("/v1/chat/completions", "post"): ("ChatCompletionRequest", True),
     ("/v1/adapters", "post"): ("AdapterRegister", True),
     ("/v1/adapters/{name}", "put"): ("AdapterReplace", True),
     ("/v1/adapters/{name}", "patch"): ("AdapterPin", True),
@@ -41,20 +40,15 @@ ROUTE_BODIES = {
 
 
 def build_openapi(app) -> dict[str, Any]:
-    """The complete document for the FastAPI ``app`` of :mod:`lorafleet.serve.deployment`."""
+    """The complete document for the FastAPI ``app`` of :mod:`lorafleet.serve.server`."""
     from fastapi.openapi.utils import get_openapi
 
     import lorafleet
-    from lorafleet.serve.protocol import ChatCompletionRequest, CompletionRequest
     from lorafleet.serve.tenancy import BODIES, REQUIRED_FIELDS
 
     doc = get_openapi(title=app.title, version=lorafleet.__version__, description=app.description, routes=app.routes)
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
-    for model in (CompletionRequest, ChatCompletionRequest):
-        schema = model.model_json_schema(ref_template=REF)
-        schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
     for name, fields in BODIES.items():
         schemas[name] = {"type": "object", "additionalProperties": False, "required": REQUIRED_FIELDS.get(name, []),
                          "properties": {f: {**schema, "description": text} for f, (schema, text) in fields.items()}}
@@ -79,7 +73,7 @@ def build_openapi(app) -> dict[str, Any]:
 
 
 def main() -> int:
-    from lorafleet.serve.deployment import api
+    from lorafleet.serve.server import api
 
     print(json.dumps(api.openapi(), indent=2, sort_keys=True))
     return 0

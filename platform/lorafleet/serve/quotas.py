@@ -7,9 +7,12 @@ in ``usage``), so they are debited then; a tenant whose token bucket is empty ge
 until it refills. Every 429 carries ``Retry-After`` (whole seconds until the request would
 be admitted).
 
-Each ingress replica enforces its share of the quota (quota / ``deployment.ingress_replicas``),
-so the sum over replicas never exceeds the tenant's quota without a shared counter on the
-request path.
+Every server replica answers HTTP itself, and Serve's proxy spreads a tenant's requests over
+them, so the quota state is shared: :class:`SharedQuotas` keeps one :class:`QuotaLimiter` for
+the whole app in a small Ray actor. Only requests of tenants that have a request, token or
+concurrency quota call it (one actor call to admit, one to release);
+everyone else never leaves the replica. If the actor dies with the replica that started it,
+the next request starts a new one (the buckets start full again).
 
 Example::
 
@@ -139,3 +142,102 @@ class QuotaLimiter:
         """Drop a deleted tenant's state."""
         with self._lock:
             self._tenants.pop(tenant_id, None)
+
+
+class _QuotaActor:
+    """The app's one QuotaLimiter (a Ray actor: ``SharedQuotas`` creates it by name)."""
+
+    def __init__(self):
+        self.limiter = QuotaLimiter()
+
+    def admit(self, tenant_id: int, quotas: dict) -> Optional[tuple]:
+        """None when admitted, else ``(message, retry_after_s, code)``."""
+        try:
+            self.limiter.admit(tenant_id, quotas)
+        except RateLimited as exc:
+            return exc.message, exc.retry_after_s, exc.code
+        return None
+
+    def release(self, tenant_id: int, tokens: int) -> None:
+        self.limiter._release(tenant_id, tokens)
+
+    def forget(self, tenant_id: int) -> None:
+        self.limiter.forget(tenant_id)
+
+
+@dataclass
+class SharedTicket:
+    """An admitted request of a tenant with quotas; set ``tokens``, then await :meth:`release` (once).
+
+    The server awaits the release before the response ends, so the tenant's next request (to any
+    replica) is admitted against counts that include this one.
+    """
+
+    quotas: "SharedQuotas"
+    tenant_id: int
+    tokens: int = 0
+    _released: bool = field(default=False, repr=False)
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            await self.quotas._release(self.tenant_id, self.tokens)
+
+
+class SharedQuotas:
+    """Quotas counted once for every replica of the app (see the module docstring).
+
+    ``name`` names the actor (one per Serve application). Outside a Ray worker (tools, unit
+    tests) the limiter is local to the process.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._actor = None
+        self._local: Optional[QuotaLimiter] = None
+
+    def _handle(self):
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        if self._actor is None:
+            self._actor = ray.remote(_QuotaActor).options(name=self.name, namespace="lorafleet", get_if_exists=True, num_cpus=0,
+                                                          max_concurrency=1).remote()
+        return self._actor
+
+    async def admit(self, tenant_id: int, quotas: dict):
+        """A ticket for one request, or :class:`RateLimited`."""
+        from ray.exceptions import RayActorError
+
+        handle = self._handle()
+        if handle is None:
+            self._local = self._local or QuotaLimiter()
+            self._local.admit(tenant_id, quotas)
+            return SharedTicket(self, tenant_id)
+        try:
+            refused = await handle.admit.remote(tenant_id, quotas)
+        except RayActorError:  # the actor died with the replica that owned it: start a new one
+            self._actor = None
+            refused = await self._handle().admit.remote(tenant_id, quotas)
+        if refused is not None:
+            raise RateLimited(*refused)
+        return SharedTicket(self, tenant_id)
+
+    async def _release(self, tenant_id: int, tokens: int) -> None:
+        from ray.exceptions import RayActorError
+
+        if self._actor is not None:
+            try:
+                await self._actor.release.remote(tenant_id, tokens)
+            except RayActorError:  # the actor (and its counts) went away with its replica: nothing to release
+                self._actor = None
+        elif self._local is not None:
+            self._local._release(tenant_id, tokens)
+
+    def forget(self, tenant_id: int) -> None:
+        handle = self._handle()
+        if handle is not None:
+            handle.forget.remote(tenant_id)
+        elif self._local is not None:
+            self._local.forget(tenant_id)

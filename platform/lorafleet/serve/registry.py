@@ -259,8 +259,9 @@ class Registry:
     def __init__(self, url: str):
         self.url = url
         self.engine = _engine(url)
-        with self.engine.begin() as conn:
-            metadata.create_all(conn)
+        from lorafleet.serve import migrations
+
+        migrations.upgrade(self.engine)  # the schema comes from the migrations (serve/migrations), never from create_all
         try:
             with self.engine.begin() as conn:
                 conn.execute(meta_table.insert().values(key="generation", value=0))

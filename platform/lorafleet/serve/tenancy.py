@@ -33,8 +33,8 @@ from typing import Any, Optional
 
 from lorafleet.serve.adapters import AdapterError, AdapterStore, check_source
 from lorafleet.serve.config import ServeConfig, adapter_name_problem
-from lorafleet.serve.protocol import OpenAIError, bad_request
-from lorafleet.serve.quotas import QuotaLimiter, RateLimited, Ticket
+from lorafleet.serve.errors import OpenAIError, bad_request
+from lorafleet.serve.quotas import RateLimited, SharedQuotas, SharedTicket
 from lorafleet.serve.registry import QUOTA_FIELDS, AdapterRecord, AdapterVersion, Registry, RegistryError, RegistryView, Tenant, merge_quotas
 
 log = logging.getLogger(__name__)
@@ -93,21 +93,8 @@ class Route:
     tenant_name: Optional[str] = None
 
     @property
-    def multiplexed_id(self) -> Optional[str]:
-        if self.kind == "shared":
-            return self.model
-        if self.kind == "tenant":
-            return f"lora-{self.record.lora_id}"
-        return None
-
-    @property
     def metrics_label(self) -> str:
         return f"{self.tenant_name}/{self.record.name}" if self.kind == "tenant" else self.model
-
-    def ref(self) -> Optional[dict]:
-        if self.kind != "tenant":
-            return None
-        return {**self.record.ref(), "display": self.metrics_label}
 
 
 def unauthorized(message: str) -> OpenAIError:
@@ -133,16 +120,19 @@ def adapter_error(exc: AdapterError) -> OpenAIError:
     return OpenAIError(exc.status, str(exc), "invalid_request_error", "source", exc.code)
 
 
+RATE_QUOTAS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+
+
 class Tenancy:
     """Authentication, routing, quotas and adapter management of one ingress replica."""
 
-    def __init__(self, cfg: ServeConfig, store: Optional[AdapterStore] = None):
+    def __init__(self, cfg: ServeConfig, store: Optional[AdapterStore] = None, app_name: str = "lorafleet"):
         self.cfg = cfg
         self.admin_digest = cfg.tenancy.admin_digest()
         self.registry = Registry(cfg.registry_url())
         self.view = RegistryView(self.registry)
         self.store = store or AdapterStore(cfg)
-        self.limiter = QuotaLimiter(cfg.deployment.ingress_replicas)
+        self.limiter = SharedQuotas(f"quotas:{app_name}")
         self.shared = [a.name for a in cfg.adapters]
         self._default_quotas = cfg.tenancy.quotas.model_dump()
         self._locks: dict[tuple[int, str], asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -159,11 +149,16 @@ class Tenancy:
         while True:
             await asyncio.sleep(self.cfg.tenancy.poll_interval_s)
             try:
-                await asyncio.to_thread(self.view.refresh)
-                used, self._used = self._used, {}
-                await asyncio.to_thread(self.registry.touch, used)
-            except Exception as exc:  # noqa: BLE001 - a registry outage must not kill the ingress; retried next tick
+                await self.poll_once()
+            except Exception as exc:  # noqa: BLE001 - a registry outage must not kill the replica; retried next tick
                 log.warning("registry poll failed (retrying): %r", exc)
+
+    async def poll_once(self) -> None:
+        """Reload the registry view if it changed; record when adapters were last used."""
+        await asyncio.to_thread(self.view.refresh)
+        used, self._used = self._used, {}
+        if used:
+            await asyncio.to_thread(self.registry.touch, used)
 
     async def changed(self) -> None:
         """Apply a write made through this replica to its view at once."""
@@ -254,12 +249,15 @@ class Tenancy:
         """The tenant's effective quotas (its own over the config's defaults)."""
         return merge_quotas(tenant, self._default_quotas)
 
-    def admit(self, caller: Caller) -> Optional[Ticket]:
-        """A quota ticket for the tenant (None for anonymous callers), or 429 with Retry-After."""
+    async def admit(self, caller: Caller) -> Optional[SharedTicket]:
+        """A quota ticket for the tenant (None for anonymous callers and tenants without rate quotas), or 429 with Retry-After."""
         if caller.tenant is None:
             return None
+        quotas = self.quotas(caller.tenant)
+        if all(quotas.get(k) is None for k in RATE_QUOTAS):
+            return None
         try:
-            return self.limiter.admit(caller.tenant.id, self.quotas(caller.tenant))
+            return await self.limiter.admit(caller.tenant.id, quotas)
         except RateLimited as exc:
             raise OpenAIError(429, exc.message, "rate_limit_error", None, exc.code, {"Retry-After": str(exc.retry_after_s)}) from None
 
