@@ -2,7 +2,7 @@
 
     lorafleet base build --out work/base --corpus queries.txt
     lorafleet eval --base work/base --adapter out/adapter --task banking77 --data test.csv --limit 200
-    lorafleet export --base work/base --adapter out/adapter --merge --out merged/
+    lorafleet export --base work/base --adapter out/adapter --merge --out merged/ --dtype bfloat16
     lorafleet adapters list
     lorafleet serve --config serve/tiny-cpu.yaml
     lorafleet tenants create acme --config serve/tiny-cpu.yaml
@@ -45,7 +45,7 @@ def _eval(args) -> int:
 
     metrics = evaluate_adapter(args.base, None if args.adapter in (None, "none") else args.adapter, args.task, args.data,
                                limit=args.limit, predictions=args.predictions, batch_size=args.batch_size,
-                               columns=dict(c.split("=", 1) for c in args.column))
+                               columns=dict(c.split("=", 1) for c in args.column), device=args.device, dtype=args.dtype)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -56,7 +56,7 @@ def _export(args) -> int:
     if not args.merge:
         print("nothing to do: pass --merge to write a merged full model", file=sys.stderr)
         return 2
-    print(merge_adapter(args.base, args.adapter, args.out))
+    print(merge_adapter(args.base, args.adapter, args.out, device=args.device, dtype=args.dtype))
     return 0
 
 
@@ -93,6 +93,11 @@ def _tasks(args) -> int:
     return 0
 
 
+def _add_device_args(parser: argparse.ArgumentParser, dtype_auto: str) -> None:
+    parser.add_argument("--device", default="auto", help="auto (the GPU where CUDA is available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=dtype_auto)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafleet", description="LoRA/QLoRA fine-tuning and multi-LoRA serving on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--predictions", help="write one JSON object per example (input order) here")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN", help="map a task field to a file column")
+    _add_device_args(e, "auto: bfloat16 on a GPU, float32 on CPU")
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("export", help="merge an adapter into its base and save a full model")
@@ -121,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--adapter", required=True)
     x.add_argument("--out", required=True)
     x.add_argument("--merge", action="store_true")
+    _add_device_args(x, "auto: the base's own dtype (config.json)")
     x.set_defaults(func=_export)
 
     a = sub.add_parser("adapters", help="adapters: the MLflow registry (list) and a running server (register, replace, pin, delete, status)"

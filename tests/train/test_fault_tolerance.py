@@ -104,7 +104,7 @@ def _registered_steps(run_dir: Path) -> list[int]:
 
 
 def _printed_step(log_file: Path) -> int:
-    """Last "step N/M" progress line rank 0 printed (logging-only steps print one)."""
+    """Last "step N/M" progress line rank 0 logged (one per logging step, to the worker's stderr)."""
     steps = re.findall(r"^step (\d+)/", log_file.read_text(errors="replace"), re.M)
     return int(steps[-1]) if steps else 0
 
@@ -130,7 +130,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(small_csv, tiny_base, tmp
             time.sleep(0.1)
         while time.time() < deadline:
             workers = _session_train_workers(ray_cluster)
-            outs = {w.pid: next(logs.glob(f"worker-*-{w.pid}.out"), None) for w in workers}
+            outs = {w.pid: next(logs.glob(f"worker-*-{w.pid}.err"), None) for w in workers}
             rank0 = [w for w in workers if outs[w.pid] and _printed_step(outs[w.pid])]
             if len(workers) == 2 and rank0 and reached(outs[rank0[0].pid]) >= target:
                 victim = rank0[0] if victim_rank == 0 else next(w for w in workers if w is not rank0[0])

@@ -18,6 +18,8 @@ import json
 import logging
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -102,7 +104,9 @@ def train_tokenizer(lines: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS.values()))
+    # The tokenizers library draws its own bar (rate, ETA); in a log file it would be redraw noise.
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS.values()),
+                            show_progress=sys.stderr.isatty(), length=len(lines))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **SPECIAL_TOKENS)
     tok.chat_template = CHAT_TEMPLATE
     tok.model_max_length = 10**6
@@ -151,7 +155,9 @@ def build_base(cfg: BaseBuildConfig) -> dict:
     if work.exists():
         shutil.rmtree(work)
     (work / "init").mkdir(parents=True)
+    started = time.perf_counter()
     lines = read_corpus(cfg.corpus)
+    log.info("base build 1/3: training a %d-token BPE tokenizer on %d corpus lines", cfg.architecture.vocab_size, len(lines))
     tok = train_tokenizer(lines, cfg.architecture.vocab_size)
     model = init_model(tok, cfg.architecture)
     model.save_pretrained(work / "init")
@@ -176,7 +182,10 @@ def build_base(cfg: BaseBuildConfig) -> dict:
         tracking=cfg.tracking.model_copy(update={"register_as": None}),
         output_dir=str(work / "pretrain"),
     )
+    log.info("base build 2/3: pre-training (Ray Train run %s; each logging step prints step/total, loss and an ETA)",
+             ft.run_name)
     result = run_finetune(ft)
+    log.info("base build 3/3: writing %s", out)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(result["adapter_path"], out)
@@ -185,4 +194,7 @@ def build_base(cfg: BaseBuildConfig) -> dict:
             "mlflow_run_id": result["mlflow_run_id"]}
     (out / "lorafleet_base.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(work, ignore_errors=True)
+    from lorafleet.progress import format_duration
+
+    log.info("base build done in %s: %s", format_duration(time.perf_counter() - started), out)
     return info

@@ -41,7 +41,7 @@ class LoraSettings(StrictModel):
     modules_to_save: Optional[list[str]] = Field(None, description="Extra modules trained in full and saved with the adapter (note: vLLM serves only LoRA weights).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling lora_alpha/sqrt(r).")
-    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora", "loftq"]] = Field(True, description="PEFT LoRA initialisation.")
+    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora", "loftq"]] = Field(True, description="PEFT LoRA initialisation. `pissa`/`olora` start from the base's principal directions (they change the base weights while training) and are saved converted to a plain LoRA over the untouched base (rank 2r, lora_alpha 2x: serve with engine.max_lora_rank >= 2r). `loftq` is refused: its adapter only fits a re-quantised base that lorafleet neither saves nor serves.")
 
     @field_validator("target_modules")
     @classmethod
@@ -87,8 +87,8 @@ class TrainingConfig(StrictModel):
     per_device_batch_size: int = Field(8, ge=1, description="Examples per worker per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype for forward/backward. bf16/fp16 need a GPU.")
-    torch_compile: bool = Field(False, description="torch.compile each decoder layer.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Compute dtype for forward/backward (FSDP2: its MixedPrecisionPolicy; DDP: autocast; DeepSpeed: its bf16/fp16 section). bf16/fp16 need a GPU; prefer bf16 (fp16 runs with a gradient scaler).")
+    torch_compile: bool = Field(False, description="torch.compile each decoder layer (FSDP2, DDP and single-process runs; not with DeepSpeed).")
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field("adamw_torch", description="Optimizer; 8-bit variants come from bitsandbytes (GPU).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
@@ -193,6 +193,21 @@ class FinetuneConfig(StrictModel):
             errors.append(f"training.optimizer ({t.optimizer}) needs a GPU; use adamw_torch on CPU")
         if self.method == "qlora" and d.strategy == "deepspeed" and d.deepspeed and d.deepspeed.zero_stage == 3:
             errors.append("method qlora with DeepSpeed ZeRO-3 is not supported; use strategy fsdp (FSDP2 shards NF4 weights) or zero_stage <= 2")
+        init = self.lora.init_lora_weights
+        if self.method != "full" and init == "loftq":
+            errors.append("lora.init_lora_weights 'loftq' is not supported: LoftQ replaces the base weights with their "
+                          "quantised-then-dequantised form, so its adapter only fits that modified base, which lorafleet "
+                          "neither saves nor serves (and PEFT's LoftQ needs the full-precision base on a CUDA GPU, not a "
+                          "4-bit one). Use true (default), gaussian, pissa or olora")
+        if self.method == "qlora" and init in ("pissa", "olora"):
+            errors.append(f"lora.init_lora_weights {init!r} with method qlora is not supported: {init} subtracts the "
+                          "adapter's start from the base weights, and on a 4-bit base the saved plain-LoRA adapter "
+                          "(quantised W_res + trained delta) would no longer equal the trained model over the original "
+                          f"quantised base; use method lora with {init}, or init_lora_weights true with qlora")
+        if t.torch_compile and d.strategy == "deepspeed":
+            errors.append("training.torch_compile (true) is not applied under distributed.strategy 'deepspeed' (the "
+                          "engine wraps the model after lorafleet would compile it, and ZeRO's parameter hooks are not "
+                          "verified with compiled layers here); use strategy fsdp or ddp to compile, or set torch_compile: false")
         if t.packing and self.data.task != "raw_text":
             errors.append(f"training.packing (true) is only for data.task raw_text (got {self.data.task!r}): packing would mix prompts and completions across examples")
         if self.method == "full" and self.tracking.register_as and self.lora.modules_to_save:

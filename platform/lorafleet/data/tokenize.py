@@ -32,6 +32,31 @@ def _encode_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
+# Examples per tokenizer call when tokenising with progress: large enough that the batched Rust
+# tokenizer stays fast, small enough for the bar to move on a million-row data set.
+_CHUNK = 4096
+# Below this many examples tokenising takes a second or two: no bar.
+_PROGRESS_MIN_EXAMPLES = 20_000
+
+
+def _encode_with_progress(tokenizer: Any, columns: list[list[str]]) -> list[list[list[int]]]:
+    """``_encode_many`` of each of ``columns`` (equally long lists of texts), in chunks of rows, with progress
+    (a bar in a terminal, log lines in logs; rank 0 only in a distributed job)."""
+    import torch.distributed as dist
+
+    from lorafleet.progress import Progress
+
+    n = len(columns[0]) if columns else 0
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    out: list[list[list[int]]] = [[] for _ in columns]
+    with Progress(n, "tokenising", unit="example", enabled=rank0 and n >= _PROGRESS_MIN_EXAMPLES) as bar:
+        for start in range(0, n, _CHUNK):
+            for col, texts in zip(out, columns):
+                col.extend(_encode_many(tokenizer, texts[start:start + _CHUNK]))
+            bar.update(min(_CHUNK, n - start))
+    return out
+
+
 def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     """``ids`` preceded by bos when the tokenizer has one and the ids (e.g. a rendered chat template) lack it."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -77,23 +102,25 @@ def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind:
 
     if kind == "raw_text":
         texts = [e.prompt + e.completion for e in examples]
+        encoded = _encode_with_progress(tokenizer, [texts])[0]
         if packing:
-            stream = [tok for ids in _encode_many(tokenizer, texts) for tok in ids + [eos]]
+            stream = [tok for ids in encoded for tok in ids + [eos]]
             n_blocks = len(stream) // max_seq_length
             stats["tokens_dropped"] = len(stream) - n_blocks * max_seq_length
             for b in range(n_blocks):
                 block = stream[b * max_seq_length:(b + 1) * max_seq_length]
                 features.append({"input_ids": block, "labels": list(block)})
         else:
-            for ids in _encode_many(tokenizer, texts):
+            for ids in encoded:
                 ids = _with_bos(tokenizer, ids) + [eos]
                 if len(ids) > max_seq_length:
                     ids = ids[:max_seq_length]
                     stats["truncated"] += 1
                 features.append({"input_ids": ids, "labels": list(ids)})
     else:
-        prompt_ids = encode_prompts(tokenizer, [e.prompt for e in examples])
-        completion_ids = _encode_many(tokenizer, [e.completion for e in examples])
+        prompt_ids, completion_ids = _encode_with_progress(tokenizer, [[e.prompt for e in examples],
+                                                                        [e.completion for e in examples]])
+        prompt_ids = [_with_bos(tokenizer, ids) for ids in prompt_ids]
         for p_ids, c_ids in zip(prompt_ids, completion_ids):
             c_ids = c_ids + [eos]
             if len(p_ids) + len(c_ids) > max_seq_length:

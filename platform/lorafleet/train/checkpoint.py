@@ -42,6 +42,10 @@ STATE_FILE = "trainer_state.json"
 DCP_DIR = "dcp"
 ADAPTER_DIR = "adapter"
 MANIFEST = "lorafleet_manifest.rank{rank}.json"
+# init_lora_weights values that change the base weights (PEFT subtracts the adapter's start from them);
+# train.model.wrap_peft keeps their initial LoRA weights on the model under INITIAL_LORA_ATTR.
+BASE_MUTATING_INITS = ("pissa", "olora")
+INITIAL_LORA_ATTR = "lorafleet_initial_lora"
 
 
 @dataclass
@@ -233,7 +237,12 @@ def export_model(path: str | Path, model, tokenizer, method: str) -> None:
     target = unwrap(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    initial = getattr(target, INITIAL_LORA_ATTR, None)
+    if initial:
+        sd = to_plain_lora(sd, initial)
     target.save_pretrained(str(path), state_dict=sd, safe_serialization=True)
+    if initial:
+        _double_rank_in_config(path / "adapter_config.json")
     if method == "full":
         tokenizer.save_pretrained(str(path))
         # Generation-time settings: the training loop turned the KV cache off.
@@ -241,6 +250,41 @@ def export_model(path: str | Path, model, tokenizer, method: str) -> None:
         conf = json.loads(cfg_file.read_text())
         conf["use_cache"] = True
         cfg_file.write_text(json.dumps(conf, indent=2))
+
+
+def to_plain_lora(state_dict: dict, initial: dict) -> dict:
+    """A PiSSA/OLoRA adapter's state dict as a plain LoRA over the original base.
+
+    Training ran on W_res = W - s B0 A0 with the adapter B A, so the model is
+    W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0]: the same update as a LoRA of rank 2r with
+    A' = cat(A, A0) and B' = cat(B, -B0) (PEFT's ``LoraModel.subtract_mutated_init``, done on
+    the gathered state dict because the trained model may be sharded). The scale s is kept by
+    doubling lora_alpha with r (:func:`_double_rank_in_config`).
+    """
+    initial = {_param_name(k): v for k, v in initial.items()}
+    out = {}
+    for key, value in state_dict.items():
+        name = _param_name(key)
+        if ".lora_A." in name or ".lora_B." in name:
+            if name not in initial:
+                raise RuntimeError(f"no initial value kept for {name}: cannot convert the adapter to a plain LoRA")
+            start = initial[name].to(value.device, value.dtype)
+            value = torch.cat([value, start], dim=0) if ".lora_A." in name else torch.cat([value, -start], dim=1)
+        out[key] = value.contiguous()
+    return out
+
+
+def _double_rank_in_config(config_file: Path) -> None:
+    """The adapter config of :func:`to_plain_lora`'s output: rank 2r, same scale, a plain LoRA init."""
+    conf = json.loads(config_file.read_text())
+    conf["r"] *= 2
+    # scale = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA: keep it with the doubled rank.
+    conf["lora_alpha"] *= 2 ** 0.5 if conf.get("use_rslora") else 2
+    for key in ("rank_pattern", "alpha_pattern"):
+        if conf.get(key):
+            conf[key] = {k: v * 2 for k, v in conf[key].items()}
+    conf["init_lora_weights"] = True
+    config_file.write_text(json.dumps(conf, indent=2, sort_keys=True))
 
 
 def _param_name(key: str) -> str:

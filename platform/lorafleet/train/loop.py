@@ -22,13 +22,16 @@ import torch
 import torch.distributed as dist
 
 from lorafleet.config.train import FinetuneConfig
+from lorafleet.data.tokenize import IGNORE_INDEX
 from lorafleet.train.checkpoint import (ADAPTER_DIR, TrainState, choose_resume_checkpoint, export_model,
                                         load_training_checkpoint, save_training_checkpoint, write_manifest,
                                         write_train_state)
 from lorafleet.train.model import count_parameters, load_base_model, load_tokenizer, wrap_peft
-from lorafleet.train.parallel import apply_ddp, apply_deepspeed, apply_fsdp2, unwrap
+from lorafleet.train.parallel import apply_ddp, apply_deepspeed, apply_fsdp2, decoder_layers, unwrap
 
 log = logging.getLogger(__name__)
+# Its own name, so a deployment can route or silence the per-step line apart from other logs.
+progress_log = logging.getLogger("lorafleet.train.progress")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -66,9 +69,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trainable_only = cfg.method != "full"
     strategy = cfg.distributed.strategy
     if strategy == "fsdp" and dist.is_initialized():
-        model = apply_fsdp2(model, cfg, device)
+        model = apply_fsdp2(model, cfg, device)  # compiles each decoder layer before sharding it
     elif strategy == "ddp" and world > 1:
-        model = apply_ddp(model, cfg, device)
+        model = apply_ddp(model, cfg, device)  # compiles each decoder layer before wrapping
+    elif t.torch_compile and strategy != "deepspeed":
+        # Unwrapped (one process without a process group): compile here, or the option would do nothing.
+        for layer in decoder_layers(model):
+            layer.compile()
     optimizer = build_optimizer(model, cfg)
     from transformers import get_scheduler
 
@@ -96,8 +103,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     **{f"data/{k}": v for k, v in train_stats.items()}}
 
     # ---- train ----
+    scaler = _grad_scaler(cfg, device, engine)
+    # Data-parallel wrappers average gradients over ranks; the token-normalised loss wants their sum.
+    averaged_over = world if (engine is not None or (strategy == "fsdp" and dist.is_initialized())
+                              or (strategy == "ddp" and world > 1)) else 1
     model.train()
-    window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    progress = TrainingProgress(total_steps, state.global_step)
     while state.global_step < total_steps:
         sampler.set_epoch(state.epoch)
         order = list(sampler)
@@ -105,26 +117,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         micro = state.micro_step_in_epoch
         while micro < len(batches) and state.global_step < total_steps:
             group = batches[micro : micro + t.gradient_accumulation_steps]
-            for i, idx in enumerate(group):
-                batch = {k: v.to(device) for k, v in collate_batch([train_feats[j] for j in idx], pad_id).items()}
-                last = i == len(group) - 1
-                with _grad_sync(model, strategy, enabled=last), autocast:
-                    out = (engine or model)(**batch)
-                loss = out.loss / (1 if engine else len(group))
-                if engine:
-                    engine.backward(loss)
-                    engine.step()
-                else:
-                    loss.backward()
-                window_loss += out.loss.item()
-                window_micro += 1
-                window_tokens += int(batch["attention_mask"].sum())
+            micro_batches = [collate_batch([train_feats[j] for j in idx], pad_id) for idx in group]
+            loss_sum, targets, tokens = backward_token_normalised(
+                engine or model, micro_batches, device, averaged_over=averaged_over,
+                no_sync=lambda enabled: _grad_sync(model, strategy, enabled), autocast=autocast, scaler=scaler, engine=engine)
+            window_loss += loss_sum
+            window_targets += targets
+            window_tokens += tokens
             if not engine:
-                if t.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(model, optimizer, scheduler, t.max_grad_norm, scaler)
             micro += len(group)
             state.global_step += 1
             state.micro_step_in_epoch = micro
@@ -142,16 +143,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
 
             metrics: dict = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0]}
-            if window_micro:
+            if window_tokens:
                 elapsed = time.perf_counter() - window_start
-                loss_sum, tokens = _all_reduce_sum([window_loss / window_micro, float(window_tokens)], device)
+                loss_sum, targets, tokens = _all_reduce_sum([window_loss, float(window_targets), float(window_tokens)], device)
                 state.tokens_seen += int(tokens)
-                metrics.update({"train_loss": loss_sum / world, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                # Per target token, over every rank and micro-batch since the last log: the quantity optimised.
+                metrics.update({"train_loss": loss_sum / max(targets, 1.0), "tokens_per_s": tokens / max(elapsed, 1e-9),
                                 "tokens_seen": state.tokens_seen, "peak_memory_mb": _peak_memory_mb(device)})
-                window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             if do_eval:
                 metrics.update(evaluator.run(model, engine, generation=t.generation_metrics))
                 window_start = time.perf_counter()  # keep eval time out of tokens/s
+            if do_log and rank == 0:
+                progress.log(step, metrics)
             if state.resumed_from_step is not None:
                 metrics["resumed_from_step"] = state.resumed_from_step
             if final:
@@ -166,17 +170,136 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     state.tracking = {"unsent_metrics": report["pending"], "errors": report["errors"]}
             if do_eval or do_ckpt:
                 _report(metrics, cfg, rank, engine, model, optimizer, scheduler, state, tokenizer, trainable_only, do_ckpt, final)
-            elif rank == 0:
-                # A logging-only step needs no ray.train.report (a barrier of every rank and a round
-                # trip to the Train controller): MLflow/W&B get the metrics from rank 0's logger and
-                # the loss curve from the history. The progress line goes to the job's console
-                # (Ray forwards workers' stdout), where the report's own line used to appear.
-                print(f"step {step}/{total_steps} epoch {metrics['epoch']:.2f} loss {metrics.get('train_loss', float('nan')):.4f} "
-                      f"lr {metrics['lr']:.3g} {metrics.get('tokens_per_s', 0.0):.0f} tokens/s", flush=True)
+            # A logging-only step needs no ray.train.report (a barrier of every rank and a round trip to
+            # the Train controller): MLflow/W&B get the metrics from rank 0's logger, the loss curve
+            # from the history.
             model.train()
 
     if logger:
         logger.close()  # already closed at the final step, unless this attempt resumed a finished run
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+def target_token_count(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss in a batch: labels other than -100 after the causal shift (position 0 never does)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum (not mean) of the next-token cross-entropy over the target tokens of ``batch``.
+
+    Computed here from the logits, as Transformers' ``ForCausalLMLoss`` does (float32 logits,
+    shift by one), so that normalising by a token count of our choosing does not depend on a
+    model's forward accepting ``num_items_in_batch``.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def backward_token_normalised(model, micro_batches: list[dict], device, *, averaged_over: int = 1,
+                              no_sync=None, autocast=None, scaler=None, engine=None) -> tuple[float, int, int]:
+    """Forward and backward every micro-batch of one optimizer step; gradients end up as
+
+        sum of token losses over all micro-batches of all ranks / target tokens of all of them
+
+    (Transformers' ``num_items_in_batch``, torchtune's token-scaled gradients): every target
+    token weighs the same, whatever micro-batch or rank it is in. A mean per micro-batch would
+    weigh tokens of short micro-batches (and of ranks with fewer tokens) more. The target count
+    is all-reduced once per step. ``averaged_over`` is the number of ranks the data-parallel
+    wrapper (DDP, FSDP2, DeepSpeed) averages gradients over: the loss is multiplied by it so the
+    average becomes the sum. Returns (local loss sum, local target tokens, local tokens) for logging.
+    """
+    local_targets = sum(target_token_count(b["labels"]) for b in micro_batches)
+    global_targets = _all_reduce_sum([float(local_targets)], device)[0]
+    scale = averaged_over / max(global_targets, 1.0)
+    if engine is not None:
+        # engine.backward divides by its gradient_accumulation_steps; our scale already averages.
+        scale *= engine.gradient_accumulation_steps()
+    loss_sum = 0.0
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        last = i == len(micro_batches) - 1
+        with (no_sync(last) if no_sync else contextlib.nullcontext()), (autocast or contextlib.nullcontext()):
+            summed = token_loss_sum(model, batch)
+        loss = summed * scale
+        if engine is not None:
+            if hasattr(engine, "set_gradient_accumulation_boundary"):
+                # An epoch's last group may be shorter than gradient_accumulation_steps: step where we say.
+                engine.set_gradient_accumulation_boundary(last)
+            engine.backward(loss)
+            engine.step()
+        elif scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        loss_sum += summed.item()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, local_targets, tokens
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None, scaler=None) -> None:
+    """Clip, step (through the fp16 gradient scaler when there is one), advance the LR schedule, zero grads."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when a gradient is inf/nan
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _grad_scaler(cfg: FinetuneConfig, device, engine):
+    """A loss scaler for fp16: fp16's narrow exponent range underflows small gradients to zero without one.
+
+    bf16 has fp32's range and needs none; DeepSpeed scales with its own (``fp16.enabled``). With
+    FSDP2 the ``ShardedGradScaler`` all-reduces the inf/nan check, so every rank skips the same
+    steps. Its scale is not checkpointed: after a resume it re-calibrates within a few steps.
+    """
+    if cfg.training.mixed_precision != "fp16" or engine is not None:
+        return None
+    if dist.is_initialized() and cfg.distributed.strategy == "fsdp":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
+
+
+class TrainingProgress:
+    """The one progress line per logging step (rank 0), with an ETA from this attempt's pace.
+
+    It goes through ``logging``, not ``print``: Ray Train patches ``print`` in workers to log
+    through the root logger *and*, since Ray replaces a worker's ``sys.stdout``, also to write
+    to it (ray/train/v2/_internal/logging/patch_print.py), so every printed line reached the
+    job's console twice.
+    """
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total_steps, self.start_step = total_steps, start_step
+        self.started = time.perf_counter()
+
+    def line(self, step: int, metrics: dict, now: float | None = None) -> str:
+        from lorafleet.progress import eta_seconds, format_duration
+
+        elapsed = (now if now is not None else time.perf_counter()) - self.started
+        eta = eta_seconds(step - self.start_step, self.total_steps - self.start_step, elapsed)
+        text = (f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) epoch {metrics.get('epoch', 0.0):.2f} "
+                f"loss {metrics.get('train_loss', float('nan')):.4f} lr {metrics.get('lr', float('nan')):.3g} "
+                f"{metrics.get('tokens_per_s', 0.0):.0f} tokens/s")
+        if "eval_loss" in metrics:
+            text += f" eval_loss {metrics['eval_loss']:.4f}"
+        return text + f" elapsed {format_duration(elapsed)} eta {format_duration(eta)}"
+
+    def log(self, step: int, metrics: dict) -> None:
+        progress_log.info(self.line(step, metrics))
 
 
 def build_optimizer(model, cfg: FinetuneConfig):
@@ -336,7 +459,8 @@ class _Evaluator:
         return metrics
 
     def _generation_metrics(self, model, engine) -> dict:
-        from lorafleet.data import clean_prediction, compute_metrics, generate_completions
+        from lorafleet.data import clean_prediction, compute_metrics
+        from lorafleet.evaluate import generate_with_progress
 
         ex = self.gen_examples
         per_rank = math.ceil(len(ex) / self.world)
@@ -344,8 +468,9 @@ class _Evaluator:
         prompts = [e.prompt for e in mine] + [ex[0].prompt] * (per_rank - len(mine))
         sharded = self.world > 1 and self.cfg.distributed.strategy in ("fsdp", "deepspeed")
         gen_model = engine.module if engine else unwrap(model)
-        outputs = generate_completions(gen_model, self.tokenizer, prompts, self.data.task.max_new_tokens,
-                                       batch_size=self.cfg.training.eval_batch_size, synced_gpus=sharded)[: len(mine)]
+        outputs = generate_with_progress(gen_model, self.tokenizer, prompts, self.data.task.max_new_tokens,
+                                         batch_size=self.cfg.training.eval_batch_size, synced_gpus=sharded,
+                                         show=self.rank == 0, desc="eval generation")[: len(mine)]
         if dist.is_initialized():
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, outputs)

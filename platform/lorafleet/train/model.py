@@ -146,6 +146,15 @@ def wrap_peft(model, cfg: FinetuneConfig):
     if cfg.method == "qlora" or cfg.distributed.strategy == "fsdp":
         # FSDP2 flattens parameters per group; keep every parameter of a group in one dtype.
         _unify_trainable_dtype(model, resolve_dtype(cfg.model.dtype, cfg.distributed.use_gpu))
+    from lorafleet.train.checkpoint import BASE_MUTATING_INITS, INITIAL_LORA_ATTR
+
+    if isinstance(lc.init_lora_weights, str) and lc.init_lora_weights in BASE_MUTATING_INITS:
+        # PiSSA/OLoRA moved B0 @ A0 out of the base weights into the adapter. Keep (A0, B0) so the
+        # export can turn the trained adapter into a plain LoRA over the untouched base
+        # (checkpoint.export_model). The init is a deterministic SVD/QR of the base, so a resumed
+        # run recomputes the same values.
+        setattr(model, INITIAL_LORA_ATTR, {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                                           if ".lora_A." in n or ".lora_B." in n})
     return model
 
 
