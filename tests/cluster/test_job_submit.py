@@ -171,8 +171,9 @@ def test_ray_job_submit_keeps_what_it_makes_and_resumes_after_a_driver_crash(tin
     """The README's recipe with no output paths at all, on a cluster whose HOME is a tmp dir and
     with no LORAFLEET_HOME: the MLflow store, registered version, checkpoints and adapter land in
     ~/lorafleet-work (not in Ray's copy of the upload, which `ray stop` takes away); the driver is
-    SIGKILLed after its first complete checkpoint, and the same command submitted again resumes
-    from that checkpoint. Everything is checked again after the cluster is stopped."""
+    SIGKILLed once Ray Train has registered a checkpoint, a file in the folder changes (so the
+    upload's copy moves), and the same command submitted again resumes from that checkpoint.
+    Everything is checked again after the cluster is stopped."""
     import secrets
 
     from mlflow import MlflowClient
@@ -220,6 +221,8 @@ def test_ray_job_submit_keeps_what_it_makes_and_resumes_after_a_driver_crash(tin
         assert not [str(p) for p in Path(head.temp).rglob("*") if p.name in ("mlflow.db", "lorafleet-work", "mlartifacts")]
         assert (work / "mlflow.db").is_file()
 
+        # an edit in the folder: the same command uploads a new package, so Ray unpacks a new copy (_ray_pkg_<hash>)
+        (project / "NOTES.md").write_text("edited between the two submissions\n")
         second = head.ray(*submit, "--submission-id", "crash-2", "--", *job, cwd=project)
         logs = second.stdout[-8000:] + second.stderr[-3000:]
         assert second.returncode == 0 and "succeeded" in second.stdout.lower(), logs

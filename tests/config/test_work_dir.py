@@ -117,3 +117,22 @@ def test_the_job_script_refuses_before_anything_runs(ray_copy):
                           cwd=ray_copy, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "output_dir: 'out' is a relative path" in proc.stderr, proc.stderr[-2000:]
     assert sorted(p.name for p in ray_copy.iterdir()) == ["data"]  # nothing written into the copy
+
+
+def test_inputs_in_the_upload_do_not_change_the_resume_fingerprint_when_the_upload_does(tmp_path, monkeypatch):
+    """Ray names its copy by a hash of the whole upload: an edit anywhere in the folder moves
+    data.path, but a re-submission of the same command must still resume its run."""
+    from lorafleet.train.trainer import config_fingerprint, resolve_local_paths
+
+    prints = []
+    for pkg in ("_ray_pkg_0123abcd", "_ray_pkg_4567ef01"):
+        copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / pkg
+        (copy / "data").mkdir(parents=True)
+        (copy / "data" / "train.csv").write_text("text,category\nhello,greeting\n")
+        monkeypatch.chdir(copy)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        cfg = resolve_local_paths(load_config(FinetuneConfig, FINETUNE, ["model.name_or_path=/models/base", "data.path=data/train.csv"]))
+        assert cfg.data.path == str(copy / "data" / "train.csv")
+        prints.append(config_fingerprint(cfg))
+    changed = load_config(FinetuneConfig, FINETUNE, ["model.name_or_path=/models/base", "data.path=data/train.csv", "lora.r=4"])
+    assert prints[0] == prints[1] != config_fingerprint(resolve_local_paths(changed))
