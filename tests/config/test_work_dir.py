@@ -92,8 +92,10 @@ def test_relative_outputs_are_refused_in_a_ray_working_dir_copy_and_inputs_are_n
         refuse_relative_outputs(sweep, "sweep.yaml")
     assert [e.split(":")[0] for e in refused.value.errors] == ["sweep.storage_path", "finetune.output_dir"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    with pytest.raises(ConfigError, match=r"\$MLFLOW_TRACKING_URI"):
+    monkeypatch.setenv("LORAFLEET_HOME", "lorafleet-work")
+    with pytest.raises(ConfigError) as refused:
         refuse_relative_outputs(load_config(FinetuneConfig, FINETUNE, ok), "x.yaml")
+    assert [e.split(":")[0] for e in refused.value.errors] == ["$LORAFLEET_HOME", "$MLFLOW_TRACKING_URI"]
 
 
 def test_the_same_relative_outputs_are_fine_outside_ray(tmp_path, monkeypatch):

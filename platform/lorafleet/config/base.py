@@ -239,15 +239,16 @@ def relative_output_paths(data: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def refuse_relative_outputs(cfg: Any, source: str, cwd: str | Path | None = None) -> None:
     """Raise :class:`ConfigError` listing every relative output location of ``cfg`` (and a
-    relative ``$MLFLOW_TRACKING_URI``) when running in Ray's temporary copy of an uploaded working
+    relative ``$LORAFLEET_HOME`` or ``$MLFLOW_TRACKING_URI``) when running in Ray's temporary copy of an uploaded working
     dir; do nothing elsewhere. Unset fields are fine: their defaults go to the work dir."""
     copy_dir = ray_working_dir_copy(cwd)
     if copy_dir is None:
         return
     found = relative_output_paths(cfg)
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if env_uri and is_relative_local_path(env_uri):
-        found.append(("$MLFLOW_TRACKING_URI", env_uri))
+    for var in (WORK_DIR_ENV, "MLFLOW_TRACKING_URI"):
+        value = os.environ.get(var)
+        if value and is_relative_local_path(value):
+            found.append((f"${var}", value))
     if not found:
         return
     errors = [f"{key}: {value!r} is a relative path; this job runs in Ray's temporary copy of the uploaded working dir "
