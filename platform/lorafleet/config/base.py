@@ -239,8 +239,9 @@ def relative_output_paths(data: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def refuse_relative_outputs(cfg: Any, source: str, cwd: str | Path | None = None) -> None:
     """Raise :class:`ConfigError` listing every relative output location of ``cfg`` (and a
-    relative ``$LORAFLEET_HOME`` or ``$MLFLOW_TRACKING_URI``) when running in Ray's temporary copy of an uploaded working
-    dir; do nothing elsewhere. Unset fields are fine: their defaults go to the work dir."""
+    relative ``$LORAFLEET_HOME`` or ``$MLFLOW_TRACKING_URI``) when running in Ray's temporary
+    copy of an uploaded working dir; do nothing elsewhere. Unset fields are fine: their
+    defaults go to the work dir."""
     copy_dir = ray_working_dir_copy(cwd)
     if copy_dir is None:
         return
