@@ -4,7 +4,9 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/sweep.py --config ...
 
 Re-running the same sweep name resumes it: finished trials are kept, unfinished ones continue
-from their checkpoints. Prints a results table and the path of result.json.
+from their checkpoints. Defaults go to the work dir as for jobs/finetune.py (~/lorafleet-work
+under ``ray job submit --working-dir`` unless $LORAFLEET_HOME is set; relative output paths are
+refused there). Prints where everything goes, then a results table and the path of result.json.
 """
 
 import logging
@@ -12,12 +14,17 @@ import sys
 
 from lorafleet.config.base import job_config
 from lorafleet.config.sweep import SweepConfig
+from lorafleet.tracking import resolve_tracking_uri
 from lorafleet.tune import run_sweep
 
 
 def main(argv=None) -> int:
     cfg = job_config(SweepConfig, __doc__, argv, "YAML file with `sweep:` and `finetune:` sections")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ft = cfg.finetune
+    mlflow = resolve_tracking_uri(ft.tracking) if ft.tracking.enabled else "off"
+    print(f"[sweep {cfg.sweep.name}] Tune results: {cfg.sweep.resolved_storage_path()}/{cfg.sweep.name}  trial checkpoints: "
+          f"{ft.resolved_storage_path()}  MLflow: {mlflow}", flush=True)
     result = run_sweep(cfg)
     best = result["best"]
     if best:

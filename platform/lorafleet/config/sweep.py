@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Optional, Union
 
 import typing
+from pathlib import Path
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from lorafleet.config.base import StrictModel
-from lorafleet.config.train import FinetuneConfig
+from lorafleet.config.train import FinetuneConfig, default_work_dir
 
 # Named target-module sets a space can choose between with `lora.target_modules: {choice: [attention, all-linear]}`.
 DEFAULT_MODULE_SETS: dict[str, Union[str, list[str]]] = {
@@ -102,6 +103,14 @@ class SweepSettings(StrictModel):
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="Trials running at once. Default: derived from cluster resources / resources per trial.")
     trial_cpus: float = Field(0.01, gt=0, description="CPU reserved by each trial's driver function (it only launches the Train run).")
     storage_path: Optional[str] = Field(None, description="Tune storage (shared by all nodes on a cluster). Default: <work dir>/tune_results.")
+
+    def resolved_storage_path(self) -> str:
+        """``storage_path`` (a URI as given, a local path made absolute), else ``<work dir>/tune_results``
+        (``default_work_dir``: persistent under ``ray job submit`` too)."""
+        sp = self.storage_path
+        if sp and "://" in sp:
+            return sp
+        return str(Path(sp).expanduser().resolve() if sp else default_work_dir() / "tune_results")
 
     @property
     def resolved_mode(self) -> str:

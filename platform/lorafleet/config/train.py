@@ -14,15 +14,19 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from lorafleet.config.base import StrictModel
+from lorafleet.config.base import DEFAULT_WORK_DIR, WORK_DIR_ENV, StrictModel, ray_working_dir_copy, work_dir_for
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-DEFAULT_WORK_DIR = "lorafleet-work"
 
 
 def default_work_dir() -> Path:
-    """Where embedded state lives (MLflow store, Ray storage, outputs): ``$LORAFLEET_HOME`` or ./lorafleet-work."""
-    return Path(os.environ.get("LORAFLEET_HOME", DEFAULT_WORK_DIR)).resolve()
+    """Where embedded state lives (MLflow store, Ray storage, outputs): ``$LORAFLEET_HOME``, else ./lorafleet-work.
+
+    Under ``ray job submit --working-dir`` the current directory is Ray's temporary copy of the
+    upload, so there the fallback is ``~/lorafleet-work`` on the node (and a relative
+    ``$LORAFLEET_HOME`` is refused); the choice is logged once per process.
+    """
+    return work_dir_for(os.environ.get(WORK_DIR_ENV), ray_working_dir_copy())
 
 
 class ModelConfig(StrictModel):

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from lorafleet.config.base import dump_config, flatten
+from lorafleet.config.base import dump_config, flatten, ray_working_dir_copy
 from lorafleet.config.train import FinetuneConfig
 from lorafleet.train.checkpoint import ADAPTER_DIR, read_train_state
 
@@ -80,6 +80,14 @@ def config_fingerprint(cfg: FinetuneConfig) -> str:
     for key in _RESUME_NEUTRAL:
         d.pop(key, None)
     d["distributed"].pop("worker_startup_timeout_s", None)
+    # Under `ray job submit --working-dir`, an input inside the upload resolves into Ray's copy,
+    # named by a hash of the whole upload (_ray_pkg_<hash>): an edit anywhere in the folder changes
+    # it. Such paths count relative to the copy, so the same command submitted again still resumes.
+    copy = ray_working_dir_copy()
+    for section, key in (("model", "name_or_path"), ("data", "path"), ("data", "validation_path")):
+        value = d[section].get(key)
+        if copy is not None and isinstance(value, str) and value.startswith(f"{copy}/"):
+            d[section][key] = "<ray working_dir>/" + value[len(f"{copy}/"):]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

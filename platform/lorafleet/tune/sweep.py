@@ -24,7 +24,7 @@ from typing import Any
 
 from lorafleet.config.base import dump_config, flatten
 from lorafleet.config.sweep import SweepConfig, SweepSettings
-from lorafleet.config.train import FinetuneConfig, default_work_dir
+from lorafleet.config.train import FinetuneConfig
 from lorafleet.tune.space import apply_trial_params, trial_label, tune_param_space
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         tune.with_parameters(_trial, base=dump_config(ft), module_sets=s.module_sets, sweep_name=s.name, parent_run_id=parent_run_id),
         {"CPU": s.trial_cpus},
     )
-    storage = s.storage_path or str(default_work_dir() / "tune_results")
+    storage = s.resolved_storage_path()
     exp_path = os.path.join(storage, s.name)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # finished trials are recorded promptly for resume
     if tune.Tuner.can_restore(exp_path):
