@@ -61,16 +61,19 @@ def launch(mode: str, base: Path, out: Path, world: int = 2, *extra: str) -> lis
 # ---------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_sharded_load_equals_checkpoint_and_trains_like_full_load(tmp_path, tie):
+@pytest.mark.parametrize("tie,method", [(True, "lora"), (False, "lora"), (True, "full")], ids=["tied-lora", "untied-lora", "tied-full"])
+def test_sharded_load_equals_checkpoint_and_trains_like_full_load(tmp_path, tie, method):
     base = make_base(tmp_path / "base", hidden=64, layers=2, vocab=301, tie=tie)  # odd vocab: uneven shards
-    ranks = launch("check", base, tmp_path)
+    ranks = launch("check", base, tmp_path, 2, "--set", f"method={method}")
     r0 = ranks[0]
     assert r0["sharded_path_used"] and r0["state_dict_mismatches"] == [], r0["state_dict_mismatches"]
     assert r0["checked_tensors"] >= 2 * 9 + 2
     assert r0["tied_after_load"] == tie
-    # LoRA weights are the ones wrap_peft drew on the full-load path (not zeros, not re-drawn).
-    assert r0["lora_a_equal"] and r0["lora_a_nonzero"]
+    if method == "lora":
+        # LoRA weights are the ones wrap_peft drew on the full-load path (not zeros, not re-drawn).
+        assert r0["lora_a_equal"] and r0["lora_a_nonzero"]
+    else:
+        assert r0["trainable_params"] == r0["total_params"]
     # Every rank holds a different half; both report the same losses.
     assert ranks[0]["local_param_bytes"] < 0.6 * r0["full_param_bytes"]
     assert ranks[0]["losses_sharded"] == ranks[1]["losses_sharded"]
@@ -153,13 +156,13 @@ def _worker(args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    sets = [f"model.name_or_path={args.base}", f"data.path={args.data}", f"output_dir={Path(args.out).parent / 'out'}", *SETS]
+    sets = [f"model.name_or_path={args.base}", f"data.path={args.data}", f"output_dir={Path(args.out).parent / 'out'}", *SETS, *args.set]
     cfg = load_config(FinetuneConfig, CONFIG, sets)
     device = torch.device("cpu")
     result: dict = {}
     from safetensors.torch import load_file
 
-    from lorafleet.train.model import load_base_model, wrap_peft
+    from lorafleet.train.model import count_parameters, load_base_model, wrap_peft
     from lorafleet.train.parallel import apply_fsdp2, load_fsdp2_model
 
     result["full_param_bytes"] = sum(p.stat().st_size for p in Path(args.base).glob("*.safetensors"))
@@ -197,10 +200,11 @@ def _worker(args) -> None:
 
         torch.manual_seed(0)
         full = apply_fsdp2(wrap_peft(load_base_model(cfg, device), cfg), cfg, device)
-        full_lora = get_model_state_dict(causal_lm_of(full), options=StateDictOptions(full_state_dict=True))
+        full_load_sd = get_model_state_dict(causal_lm_of(full), options=StateDictOptions(full_state_dict=True))
         lora_keys = [k for k in full_sd if "lora_A" in k]
-        result["lora_a_equal"] = all(torch.equal(full_sd[k], full_lora[k]) for k in lora_keys) and bool(lora_keys)
+        result["lora_a_equal"] = bool(lora_keys) and all(torch.equal(full_sd[k], full_load_sd[k]) for k in lora_keys)
         result["lora_a_nonzero"] = all(bool(full_sd[k].abs().sum() > 0) for k in lora_keys)
+        result["trainable_params"], result["total_params"] = count_parameters(sharded)
         result["losses_sharded"] = _train(sharded, cfg, rank)
         result["losses_full_load"] = _train(full, cfg, rank)
     Path(args.out).write_text(json.dumps(result))
@@ -236,4 +240,5 @@ if __name__ == "__main__":
     ap.add_argument("--base", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[])
     _worker(ap.parse_args())

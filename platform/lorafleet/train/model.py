@@ -131,6 +131,8 @@ def checkpoint_files(model_cfg: ModelConfig) -> list[Path]:
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [path / n for n in names]
+    if (path / "model.safetensors").is_file():  # the single-file layout of save_pretrained
+        return [path / "model.safetensors"]
     return sorted(path.glob("*.safetensors"))
 
 
