@@ -27,7 +27,7 @@ from lorafleet.train.checkpoint import (ADAPTER_DIR, TrainState, choose_resume_c
                                         load_training_checkpoint, save_training_checkpoint, write_manifest,
                                         write_train_state)
 from lorafleet.train.model import count_parameters, load_base_model, load_tokenizer, wrap_peft
-from lorafleet.train.parallel import apply_ddp, apply_deepspeed, apply_fsdp2, decoder_layers, unwrap
+from lorafleet.train.parallel import apply_ddp, apply_deepspeed, apply_fsdp2, decoder_layers, load_fsdp2_model, unwrap
 
 log = logging.getLogger(__name__)
 # Its own name, so a deployment can route or silence the per-step line apart from other logs.
@@ -65,17 +65,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     warmup = t.warmup_steps or int(t.warmup_ratio * total_steps)
 
     # ---- model ----
-    model = wrap_peft(load_base_model(cfg, device), cfg)
     trainable_only = cfg.method != "full"
     strategy = cfg.distributed.strategy
-    if strategy == "fsdp" and dist.is_initialized():
-        model = apply_fsdp2(model, cfg, device)  # compiles each decoder layer before sharding it
-    elif strategy == "ddp" and world > 1:
-        model = apply_ddp(model, cfg, device)  # compiles each decoder layer before wrapping
-    elif t.torch_compile and strategy != "deepspeed":
-        # Unwrapped (one process without a process group): compile here, or the option would do nothing.
-        for layer in decoder_layers(model):
-            layer.compile()
+    # FSDP2: built on the meta device and sharded before any weight is read (None: not possible, load in full).
+    model = load_fsdp2_model(cfg, device) if strategy == "fsdp" and dist.is_initialized() else None
+    if model is None:
+        model = wrap_peft(load_base_model(cfg, device), cfg)
+        if strategy == "fsdp" and dist.is_initialized():
+            model = apply_fsdp2(model, cfg, device)  # compiles each decoder layer before sharding it
+        elif strategy == "ddp" and world > 1:
+            model = apply_ddp(model, cfg, device)  # compiles each decoder layer before wrapping
+        elif t.torch_compile and strategy != "deepspeed":
+            # Unwrapped (one process without a process group): compile here, or the option would do nothing.
+            for layer in decoder_layers(model):
+                layer.compile()
     optimizer = build_optimizer(model, cfg)
     from transformers import get_scheduler
 

@@ -8,7 +8,12 @@ bitsandbytes ``BitsAndBytesConfig``, PEFT ``get_peft_model``); this module only 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -87,6 +92,142 @@ def load_base_model(cfg: FinetuneConfig, device: torch.device):
         disable_bnb_cpu_inference_repack(model)
     model.config.use_cache = False
     return model
+
+
+def build_empty_base_model(cfg: FinetuneConfig):
+    """The causal LM with every parameter on the meta device (no memory) and real CPU buffers.
+
+    Buffers computed in ``__init__`` and absent from checkpoints (rotary ``inv_freq``) keep
+    their values (accelerate's ``init_empty_weights(include_buffers=False)``), so they can
+    be restored after ``to_empty``. The global RNG is left untouched, so LoRA weights created
+    next come out exactly as after ``from_pretrained``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = cfg.model
+    config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    kwargs = dict(dtype=resolve_dtype(m.dtype, cfg.distributed.use_gpu), trust_remote_code=m.trust_remote_code)
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    # Transformers skips tying meta parameters; tie lm_head to embed_tokens as from_pretrained does
+    # (a no-op unless config.tie_word_embeddings), so FSDP2 sees one shared parameter.
+    model.tie_weights()
+    model.config.use_cache = False
+    return model
+
+
+def checkpoint_files(model_cfg: ModelConfig) -> list[Path]:
+    """The ``*.safetensors`` files of the base (a local folder, or the Hub snapshot, downloaded once per node)."""
+    path = Path(model_cfg.name_or_path)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model_cfg.name_or_path, revision=model_cfg.revision,
+                                      allow_patterns=["*.safetensors", "*.json"]))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    if (path / "model.safetensors").is_file():  # the single-file layout of save_pretrained
+        return [path / "model.safetensors"]
+    return sorted(path.glob("*.safetensors"))
+
+
+class SafetensorsRows:
+    """Row ranges of named tensors read straight from safetensors files (memory-mapped, no full copy).
+
+    ``safe_open(...).get_slice(name)[start:stop]`` reads only those rows, which is all one
+    FSDP2 rank keeps of a dim-0-sharded parameter.
+    """
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._stack = contextlib.ExitStack()
+        self._where: dict = {}
+        for f in files:
+            handle = self._stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            for key in handle.keys():
+                self._where[key] = handle
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def keys(self):
+        return self._where.keys()
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._where[key].get_slice(key).get_shape())
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        sl = self._where[key].get_slice(key)
+        if not sl.get_shape():  # a 0-dim tensor has no rows to slice
+            return self._where[key].get_tensor(key)
+        return sl[start:stop]
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# PEFT inserts these module names between a base module and its parameters; the checkpoint has neither.
+_PEFT_INFIX = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
+
+
+def checkpoint_key(param_name: str) -> str:
+    """The checkpoint key of a (possibly PEFT-wrapped) causal-LM parameter name.
+
+    >>> checkpoint_key("model.layers.0.self_attn.q_proj.base_layer.weight")
+    'model.layers.0.self_attn.q_proj.weight'
+    """
+    return _PEFT_INFIX.sub("", param_name)
+
+
+def unmatched_base_keys(model, reader: SafetensorsRows) -> list[str]:
+    """Parameters of the bare base model that no checkpoint tensor (by name and shape) fills.
+
+    Tied parameters count as found when any of their names is in the checkpoint. Non-empty
+    means the checkpoint layout differs from the modules (key renames or fused experts that
+    ``from_pretrained`` converts while loading), so sharded loading cannot read it directly.
+    """
+    aliases: dict[int, list[tuple[str, torch.Size]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append((name, p.shape))
+    return [names[0][0] for names in aliases.values()
+            if not any(n in reader and reader.shape(n) == list(shape) for n, shape in names)]
+
+
+@contextlib.contextmanager
+def record_new_parameters():
+    """Record the values of every parameter registered inside the block (e.g. by PEFT).
+
+    PEFT creates LoRA weights on the CPU with the global RNG, then moves them to the device
+    of the base layer, which is ``meta`` for an empty base: the values are lost. The
+    dictionary yielded maps ``(module, name)`` to a tensor sharing the CPU storage the
+    parameter was initialised in, so the exact same weights can be loaded after the model
+    is materialised (``torch.nn.modules.module.register_module_parameter_registration_hook``).
+    """
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    created: dict = {}
+
+    def hook(module, name, param):
+        if param is not None and param.device.type != "meta":
+            created[(module, name)] = param.detach()
+
+    handle = register_module_parameter_registration_hook(hook)
+    try:
+        yield created
+    finally:
+        handle.remove()
 
 
 def disable_bnb_cpu_inference_repack(model) -> int:

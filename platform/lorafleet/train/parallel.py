@@ -10,6 +10,7 @@ shards on gloo/CPU and NCCL/GPU.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -67,6 +68,99 @@ def apply_fsdp2(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> 
         fully_shard(layer, **kwargs)
     fully_shard(causal_lm_of(model), **kwargs)
     return model
+
+
+def load_fsdp2_model(cfg: FinetuneConfig, device: torch.device) -> nn.Module | None:
+    """The PEFT-wrapped base, sharded with FSDP2, without any rank ever holding the full model.
+
+    The recipe of torchtitan and torchtune's FSDP2 recipes: build the model on the meta
+    device, add the adapters, ``fully_shard`` it (no memory yet), ``to_empty`` allocates only
+    this rank's shards, then each rank reads only its own dim-0 rows of every tensor from
+    the safetensors files (no rank 0 holding everything, no broadcast). LoRA weights get the
+    exact values ``wrap_peft`` drew from the RNG, so training matches the full-load path.
+
+    Returns None (the caller then loads the full model as before, with a warning) where the
+    checkpoint cannot be read this way: method qlora (bitsandbytes quantises while
+    ``from_pretrained`` loads), no safetensors files, or checkpoint keys that
+    ``from_pretrained`` would rename or fuse while loading.
+    """
+    from lorafleet.train.model import (SafetensorsRows, build_empty_base_model, checkpoint_files,
+                                       record_new_parameters, unmatched_base_keys, wrap_peft)
+
+    if cfg.method == "qlora":
+        return None
+    files = checkpoint_files(cfg.model)
+    if not files:
+        log.warning("no *.safetensors in %s: every rank loads the full model before FSDP2 shards it", cfg.model.name_or_path)
+        return None
+    base = build_empty_base_model(cfg)
+    with SafetensorsRows(files) as reader:
+        missing = unmatched_base_keys(base, reader)
+        if missing:
+            log.warning("%d parameters of %s have no same-named, same-shaped tensor in its safetensors (e.g. %s): "
+                        "every rank loads the full model before FSDP2 shards it", len(missing),
+                        cfg.model.name_or_path, missing[:3])
+            return None
+        with record_new_parameters() as created:
+            model = wrap_peft(base, cfg)
+        apply_fsdp2(model, cfg, device)
+        _materialise(model, cfg, device)
+        loaded = _load_shards(causal_lm_of(model), reader, created)
+    log.info("FSDP2 sharded loading: %d tensors, %.1f MB on this rank", *loaded)
+    return model
+
+
+def _materialise(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> None:
+    """Allocate this rank's shards (``to_empty``) and put back the buffers ``__init__`` computed."""
+    buffers = [(mod, name, buf) for mod in model.modules() for name, buf in mod.named_buffers(recurse=False)
+               if buf is not None and buf.device.type != "meta"]
+    # With CPU offload FSDP2 keeps the sharded parameters on the CPU; buffers stay on the device.
+    model.to_empty(device=torch.device("cpu") if cfg.distributed.fsdp_cpu_offload else device)
+    for mod, name, buf in buffers:
+        setattr(mod, name, buf.to(device))
+
+
+def _load_shards(lm: nn.Module, reader, created: dict) -> tuple[int, float]:
+    """Fill every parameter's local shard: recorded initial values (adapters) or checkpoint rows."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from lorafleet.train.model import checkpoint_key
+
+    initial = {}
+    for (mod, name), value in created.items():
+        p = getattr(mod, name, None)
+        if isinstance(p, nn.Parameter):
+            initial[id(p)] = value
+    groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, p in lm.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), (p, []))[1].append(name)
+    n_bytes = 0
+    with torch.no_grad():
+        for pid, (p, names) in groups.items():
+            if pid in initial:
+                full = initial[pid]
+                shape, rows = list(full.shape), (lambda a, b, full=full: full[a:b])
+            else:
+                key = next((checkpoint_key(n) for n in names if checkpoint_key(n) in reader), None)
+                if key is None:
+                    raise ValueError(f"parameter {names[0]} is neither in the checkpoint nor created by PEFT; "
+                                     f"set distributed.strategy ddp to load this model in full")
+                shape, rows = reader.shape(key), (lambda a, b, key=key: reader.rows(key, a, b))
+            if shape != list(p.shape):
+                raise ValueError(f"{names[0]}: checkpoint shape {shape} != model shape {list(p.shape)}")
+            if isinstance(p, DTensor):
+                if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                    raise ValueError(f"{names[0]}: sharded loading reads dim-0 shards, got {p.placements} on a {p.device_mesh.ndim}-D mesh")
+                local = p.to_local()
+                # FSDP2 shards dim 0 like torch.chunk: ceil(n / world) rows per rank, the last ones short or empty.
+                chunk = math.ceil(p.shape[0] / p.device_mesh.size()) if p.dim() else 0
+                start = min(p.device_mesh.get_local_rank() * chunk, p.shape[0] if p.dim() else 0)
+                local.copy_(rows(start, start + local.shape[0]) if p.dim() else rows(0, 0))
+            else:
+                local = p
+                p.copy_(rows(0, p.shape[0] if p.dim() else 0))
+            n_bytes += local.numel() * local.element_size()
+    return len(groups), n_bytes / 2**20
 
 
 def apply_ddp(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> nn.Module:
