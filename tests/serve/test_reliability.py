@@ -270,7 +270,7 @@ def test_a_client_that_disconnects_mid_stream_stops_generation(srv):
 def test_overload_gets_503_with_retry_after_bounded_memory_and_recovery(srv):
     extra = {"max_tokens": 48, **_eos_banned(srv)}
     prompt = srv.assets.prompts[1]
-    burst = 200  # capacity: 2 replicas x 16 running + 16 queued = 48
+    burst = 200  # capacity: 2 replicas x (16 running + 16 queued) = 64
 
     async def main():
         async with _client(srv, burst) as client:
@@ -290,10 +290,10 @@ def test_overload_gets_503_with_retry_after_bounded_memory_and_recovery(srv):
     statuses = [o[0] for o in out]
     assert set(statuses) <= {200, 503}, statuses
     rejected = [o for o in out if o[0] == 503]
-    # Requests finish while the burst arrives, so more than 48 are served; the rest are turned
+    # Requests finish while the burst arrives, so more than 64 are served; the rest are turned
     # away at once by the bounded queue, saying so, instead of waiting without limit.
     assert len(rejected) >= burst // 4, f"only {len(rejected)} of {burst} were turned away"
-    assert all("limit 16" in o[2] for o in rejected)
+    assert all("limit 32" in o[2] for o in rejected)  # each replica's admission bound: 16 running + 16 queued
     assert all(o[1] and int(o[1]) >= 1 for o in rejected), "a 503 without Retry-After"
     assert all(json.loads(o[2])["error"]["code"] == "overloaded" for o in rejected)
     assert rss_after - rss_before < 300, (rss_before, rss_after)
@@ -304,7 +304,7 @@ def test_overload_gets_503_with_retry_after_bounded_memory_and_recovery(srv):
 
     recovered = asyncio.run(after())
     assert all(r[0] == 200 for r in recovered), recovered
-    record_scenario("serving", "overload: a burst 4x past capacity", load=f"{burst} concurrent requests, capacity 48 (2 x 16 running + 16 queued)",
+    record_scenario("serving", "overload: a burst 4x past capacity", load=f"{burst} concurrent requests, capacity 64 (2 replicas x (16 running + 16 queued))",
                     faults="-", lost="nothing (every turned-away request had a 503 with Retry-After; none timed out)",
                     outcome=f"{statuses.count(200)} served, {len(rejected)} got 503 + Retry-After in {wall:.1f} s; memory {rss_before:.0f} -> "
                             f"{rss_after:.0f} MiB; the next requests all served",

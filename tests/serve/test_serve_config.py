@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 from lorafleet.config.base import ConfigError
 from lorafleet.serve.adapters import AdapterCatalog, AdapterError, content_hash
 from lorafleet.serve.config import APP_IMPORT_PATH, ServeConfig, load_serve_config
+from starlette.requests import Request
+
 from lorafleet.serve.errors import OpenAIError
 from serve_helpers import build_untrained_base
 
@@ -117,7 +119,7 @@ def test_builder_options_follow_the_config():
     assert options["name"] == "LoRAServer"
     assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"HF_HOME": "/cache"}}
     assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 4
-    assert options["ray_actor_options"]["num_gpus"] == 1 and options["max_queued_requests"] == 100
+    assert options["ray_actor_options"]["num_gpus"] == 1 and options["max_queued_requests"] >= 4 * (64 + 100) * 4
     # Serve hands a replica more than its own admission bound (64 + 100), so that the replica's
     # OpenAI-shaped 503 answers an overload, not Serve's plain-text back-pressure
     assert options["max_ongoing_requests"] == 64 + 100 + MANAGEMENT_HEADROOM
@@ -188,6 +190,49 @@ def test_requests_within_the_caps_pass_and_token_id_prompts_count_as_one():
     for kind, request in [("completions", _completion(max_tokens=64, n=4, temperature=1.0)), ("completions", _completion(prompt=[1, 2, 3] * 10)),
                           ("chat", _chat(max_completion_tokens=64)), ("chat", _chat())]:
         apply_limits(kind, request, limits)
+
+
+def test_bodies_above_the_limit_get_413_before_anything_parses_them():
+    """BodyLimit (the server's ASGI middleware) on a plain FastAPI app: declared and streamed (chunked) bodies."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from lorafleet.serve.limits import BodyLimit
+
+    app = FastAPI()
+    app.add_middleware(BodyLimit)
+    app.state.max_body_bytes = 1000
+
+    @app.post("/echo")
+    async def echo(request: Request):
+        return {"bytes": len(await request.body())}
+
+    async def chunks(n: int):
+        for _ in range(n):
+            yield b"a" * 300
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return [await client.post("/echo", content=b"a" * 1000), await client.post("/echo", content=b"a" * 1001),
+                    await client.post("/echo", content=chunks(3)), await client.post("/echo", content=chunks(4))]
+
+    exact, over, streamed, streamed_over = asyncio.run(run())
+    assert exact.json() == {"bytes": 1000} and streamed.json() == {"bytes": 900}
+    for r in (over, streamed_over):
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_integers_no_engine_type_holds_are_refused_by_name():
+    from lorafleet.serve.limits import integers_in_range
+
+    for fields, where in [({"top_k": 2**64 + 1}, "top_k"), ({"top_k": -(2**70)}, "top_k"), ({"stop_token_ids": [5, 2**63]}, "stop_token_ids.1"),
+                          ({"logit_bias": {"99999999999999999999": 1.0}}, "logit_bias.99999999999999999999")]:
+        with pytest.raises(OpenAIError) as e:
+            integers_in_range(_completion(**fields))
+        assert e.value.status == 400 and e.value.param == where, (fields, e.value.body())
+    integers_in_range(_completion(top_k=2**40, seed=2**63 - 1, stop_token_ids=[1, 2]))
 
 
 def test_fields_that_reach_past_the_tenant_are_refused_by_name():

@@ -37,10 +37,13 @@ def deployment_options(cfg: ServeConfig) -> dict:
     # (server.py). Serve's own per-replica limit sits above it, with room for health checks and
     # management calls, so that the OpenAI-shaped 503 is what clients see.
     admitted = d.max_ongoing_requests + cfg.limits.max_queued_requests
+    replicas = d.num_replicas or d.autoscaling.max_replicas
     options = {
         "name": SERVER_DEPLOYMENT,
         "max_ongoing_requests": admitted + MANAGEMENT_HEADROOM,
-        "max_queued_requests": cfg.limits.max_queued_requests,
+        # Serve's router holds every request briefly while it picks a replica, so a burst fills this
+        # queue even when the replicas have room: it is sized for bursts, the replicas bound the load.
+        "max_queued_requests": max(1024, 4 * (admitted + MANAGEMENT_HEADROOM) * replicas),
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,

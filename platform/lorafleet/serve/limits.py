@@ -42,7 +42,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            return await _too_large(limit, send)
+            return await _answer_413(limit, send)
         body, more = bytearray(), True
         while more:
             message = await receive()
@@ -51,7 +51,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:
-                return await _too_large(limit, send)
+                return await _answer_413(limit, send)
         replayed = False
 
         async def replay():
@@ -64,7 +64,7 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-async def _too_large(limit: int, send) -> None:
+async def _answer_413(limit: int, send) -> None:
     err = OpenAIError(413, f"The request body is larger than this server's limit of {limit} bytes.", "invalid_request_error", None,
                       "request_too_large")
     payload = json.dumps(err.body()).encode()
@@ -76,7 +76,7 @@ async def _too_large(limit: int, send) -> None:
 INT64_MAX = 2**63 - 1
 
 
-def _too_large(value, path: str):
+def _beyond_int64(value, path: str):
     """The first integer in ``value`` (nested lists and dicts, digit-string keys too) outside int64, as (path, value)."""
     if isinstance(value, bool):
         return None
@@ -84,14 +84,14 @@ def _too_large(value, path: str):
         return (path, value) if not -INT64_MAX - 1 <= value <= INT64_MAX else None
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            found = _too_large(item, f"{path}.{i}")
+            found = _beyond_int64(item, f"{path}.{i}")
             if found:
                 return found
     if isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(key, str) and key.lstrip("-").isdigit() and len(key) > 18 and _too_large(int(key), path):
+            if isinstance(key, str) and key.lstrip("-").isdigit() and len(key) > 18 and _beyond_int64(int(key), path):
                 return f"{path}.{key}", int(key)
-            found = _too_large(item, f"{path}.{key}")
+            found = _beyond_int64(item, f"{path}.{key}")
             if found:
                 return found
     return None
@@ -101,7 +101,7 @@ def integers_in_range(request) -> None:
     """400 for an integer no engine type holds (beyond int64): vLLM passes some straight to torch and C++,
     where they fail as a 500 (seen: top_k = 2**64 + 1)."""
     for name in request.model_fields_set:
-        found = _too_large(getattr(request, name, None), name)
+        found = _beyond_int64(getattr(request, name, None), name)
         if found:
             where, value = found
             raise bad_request(f"`{where}` ({value}) is outside the range of a 64-bit integer.", where, "invalid_value")

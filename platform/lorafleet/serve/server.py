@@ -117,6 +117,8 @@ def as_response(exc: BaseException) -> JSONResponse:
 
     if isinstance(exc, OpenAIError):
         return error_response(exc)
+    if isinstance(exc, RecursionError):  # e.g. a JSON body nested thousands deep: Python's parser gives up
+        return error_response(bad_request("The request body is nested too deeply to parse.", None, "invalid_json"))
     if isinstance(exc, EngineDeadError):
         return error_response(overloaded("The inference engine of this replica failed and is being restarted; retry the request."))
     if isinstance(exc, AdapterError):  # e.g. another node's copy changed since registration (409)
@@ -233,9 +235,6 @@ class LoRAServer:
         self.metrics.in_flight.inc()
         self.generating += 1
         try:
-            if self.generating > self.admission_bound:
-                raise overloaded(f"The server is at capacity ({self.generating - 1} requests in this replica, limit {self.admission_bound}); "
-                                 "retry later.")
             caller = await self._caller(raw)
             refused_fields(request)
             integers_in_range(request)
@@ -243,6 +242,9 @@ class LoRAServer:
                 request.cache_salt = f"tenant-{caller.tenant.id}:{request.cache_salt or ''}"
             route = await self.tenancy.route(caller, request.model)
             label = route.metrics_label
+            if self.generating > self.admission_bound:
+                raise overloaded(f"The server is at capacity ({self.generating - 1} requests in this replica, limit {self.admission_bound}); "
+                                 "retry later.")
             apply_limits(kind, request, self.cfg.limits)
             adapter = await self._adapter(route)
             ticket = await self.tenancy.admit(caller)
