@@ -16,8 +16,8 @@ from lorafleet.serve.registry import (
     NotFound,
     Registry,
     RegistryError,
-    RegistryView,
 )
+from lorafleet.serve.registry_view import RegistryView
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

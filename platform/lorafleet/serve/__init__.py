@@ -8,7 +8,8 @@
 * ``tenancy.py``     keys, tenants, routing of ``model`` to the admitted adapter version, quotas, adapter management
 * ``adapters.py``    ``Adapter`` identity, sources (MLflow registry, allowed local folders), content-hashed cache
 * ``validation.py``  what an adapter folder must be before any engine sees it
-* ``registry.py``    the tenant/adapter registry (SQLAlchemy: SQLite or PostgreSQL)
+* ``registry.py``    the tenant/adapter registry (SQLAlchemy: SQLite or PostgreSQL); ``registry_view.py`` its cached per-process view
+* ``migrations/``    the registry schema's alembic migrations, run when a registry is opened
 * ``slots.py``       pins, LoRA slot admission, unloading retired versions
 * ``quotas.py``      per-tenant rate/token/concurrency quotas shared by every replica
 * ``metrics.py``     Prometheus metrics served at ``GET /metrics``, summed over replicas

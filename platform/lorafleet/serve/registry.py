@@ -12,7 +12,7 @@ default, PostgreSQL on a cluster) holds
   weights with the new name;
 * the engine replicas' last published state (what each vLLM engine holds), for listings;
 * one ``generation`` counter, bumped in every writing transaction. Readers poll it
-  (:class:`RegistryView`) and reload only when it moved, which bounds how long a change
+  (:class:`~lorafleet.serve.registry_view.RegistryView`) and reload only when it moved, which bounds how long a change
   made through one replica takes to reach the others.
 
 Writes to one adapter are compare-and-set on its version number, so two replicas
@@ -32,7 +32,6 @@ import hmac
 import json
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -577,39 +576,6 @@ class Snapshot:
 
     def pinned(self) -> list[AdapterRecord]:
         return [a for a in self.adapters.values() if a.pinned]
-
-
-class RegistryView:
-    """A process's cached :class:`Snapshot`, reloaded when the store's generation moves.
-
-    ``refresh()`` costs one small query when nothing changed. Callers poll it every
-    ``tenancy.poll_interval_s``; a change made through this process is applied at once
-    (``refresh(force=True)`` after the write). Callers read through to the store on a miss
-    (a key or an adapter created a moment ago through another replica: see
-    :meth:`unknown_key`), so only *changes* to things a replica already knows wait for the
-    next poll.
-    """
-
-    def __init__(self, registry: Registry):
-        self.registry = registry
-        self._lock = threading.Lock()
-        self.snapshot = registry.snapshot()
-
-    def refresh(self, force: bool = False) -> bool:
-        """Reload if the generation moved (or ``force``); True when the snapshot changed."""
-        with self._lock:
-            if not force and self.registry.generation() == self.snapshot.generation:
-                return False
-            self.snapshot = self.registry.snapshot()
-            return True
-
-    def unknown_key(self, secret: str) -> bool:
-        """A well-formed key whose id the snapshot does not know (only such a key is worth asking the store about)."""
-        key_id = parse_key(secret)
-        return key_id is not None and key_id not in self.snapshot.keys
-
-    def adapters(self, tenant_id: int) -> list[AdapterRecord]:
-        return sorted((a for (t, _), a in self.snapshot.adapters.items() if t == tenant_id), key=lambda a: a.name)
 
 
 def merge_quotas(tenant: Tenant, defaults: dict) -> dict:

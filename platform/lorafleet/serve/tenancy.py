@@ -16,7 +16,7 @@
   (``lorafleet.serve.validation``) before the registry records it, so the engine only
   ever sees checked adapters.
 
-Routing reads a :class:`~lorafleet.serve.registry.RegistryView` refreshed every
+Routing reads a :class:`~lorafleet.serve.registry_view.RegistryView` refreshed every
 ``tenancy.poll_interval_s``; a write through this replica applies here at once.
 """
 
@@ -35,7 +35,8 @@ from lorafleet.serve.adapters import AdapterError, AdapterStore, check_source
 from lorafleet.serve.config import ServeConfig, adapter_name_problem
 from lorafleet.serve.errors import OpenAIError, bad_request
 from lorafleet.serve.quotas import RateLimited, SharedQuotas, SharedTicket
-from lorafleet.serve.registry import QUOTA_FIELDS, AdapterRecord, AdapterVersion, Registry, RegistryError, RegistryView, Tenant, merge_quotas
+from lorafleet.serve.registry import QUOTA_FIELDS, AdapterRecord, AdapterVersion, Registry, RegistryError, Tenant, merge_quotas
+from lorafleet.serve.registry_view import RegistryView
 
 log = logging.getLogger(__name__)
 
