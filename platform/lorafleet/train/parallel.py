@@ -70,6 +70,9 @@ def apply_fsdp2(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> 
     return model
 
 
+BASE_DERIVED_INITS = ("pissa", "olora")  # LoRA initialisations PEFT computes from the base weights themselves
+
+
 def load_fsdp2_model(cfg: FinetuneConfig, device: torch.device) -> nn.Module | None:
     """The PEFT-wrapped base, sharded with FSDP2, without any rank ever holding the full model.
 
@@ -81,13 +84,18 @@ def load_fsdp2_model(cfg: FinetuneConfig, device: torch.device) -> nn.Module | N
 
     Returns None (the caller then loads the full model as before, with a warning) where the
     checkpoint cannot be read this way: method qlora (bitsandbytes quantises while
-    ``from_pretrained`` loads), no safetensors files, or checkpoint keys that
-    ``from_pretrained`` would rename or fuse while loading.
+    ``from_pretrained`` loads), an adapter initialisation computed from the base's weights
+    (pissa / olora: an SVD / QR of each weight, which meta tensors do not have), no safetensors
+    files, or checkpoint keys that ``from_pretrained`` would rename or fuse while loading.
     """
     from lorafleet.train.model import (SafetensorsRows, build_empty_base_model, checkpoint_files,
                                        record_new_parameters, unmatched_base_keys, wrap_peft)
 
     if cfg.method == "qlora":
+        return None
+    if cfg.method != "full" and cfg.lora.init_lora_weights in BASE_DERIVED_INITS:
+        log.warning("lora.init_lora_weights %r is computed from the full base weights: every rank loads the full model before "
+                    "FSDP2 shards it", cfg.lora.init_lora_weights)
         return None
     files = checkpoint_files(cfg.model)
     if not files:
