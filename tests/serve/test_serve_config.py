@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lorafleet.config.base import ConfigError
 from lorafleet.serve.adapters import AdapterCatalog, AdapterError, content_hash
@@ -131,8 +131,9 @@ def test_engine_arguments_differ_only_by_device():
     cfg = ServeConfig(model="m", adapters=[{"name": "a", "source": "models:/a/1"}],
                       engine={"max_loras": 2, "max_cpu_loras": 6, "max_lora_rank": 32, "max_model_len": 300}, limits={"max_tokens": 77})
     cpu, gpu = engine_setup(cfg, device="cpu"), engine_setup(cfg, device="cuda")
-    assert (cpu.args.dtype, cpu.args.enforce_eager, cpu.base_through_zero_adapter) == ("float32", True, True)
-    assert (gpu.args.dtype, gpu.args.enforce_eager, gpu.base_through_zero_adapter) == ("bfloat16", False, False)
+    # on CPU only, vLLM's worker loads the extension that masks no-LoRA rows in its CPU LoRA ops (vllm_cpu_lora.py)
+    assert (cpu.args.dtype, cpu.args.enforce_eager, cpu.args.worker_extension_cls) == ("float32", True, "lorafleet.serve.vllm_cpu_lora.CPULoRAPatch")
+    assert (gpu.args.dtype, gpu.args.enforce_eager, gpu.args.worker_extension_cls) == ("bfloat16", False, "")
     for setup in (cpu, gpu):
         a = setup.args
         assert a.enable_lora and (a.max_loras, a.max_cpu_loras, a.max_lora_rank, a.max_model_len) == (2, 6, 32, 300)
@@ -272,21 +273,6 @@ def test_local_sources_must_stay_inside_the_allowed_roots(tmp_path, base):
             catalog.resolve(name)
         assert caught.value.status == status, (name, caught.value)
     assert [catalog.lora_id(n) for n in catalog.names] == list(range(1, len(sources) + 1))
-
-
-def test_base_stand_in_is_a_zero_adapter_over_the_bases_query_projections(tmp_path, base):
-    from lorafleet.serve.validation import inspect_adapter
-
-    make_adapter(tmp_path / "allowed" / "a")
-    catalog = AdapterCatalog(cfg_with(tmp_path, base, [{"name": "a", "source": str(tmp_path / "allowed" / "a")}]))
-    stand_in = catalog.store.base_stand_in(catalog.stand_in_id)
-    assert stand_in.lora_id == 2 and stand_in.name.startswith("__")
-    tensors = load_file(str(Path(stand_in.path) / "adapter_model.safetensors"))
-    assert sorted(tensors) == sorted(f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight" for i in (0, 1) for ab in "AB")
-    assert all(not t.any() for t in tensors.values())  # B = 0: the update B @ A is zero
-    # it passes the same checks as any adapter, and is built once
-    assert inspect_adapter(Path(stand_in.path), catalog.store.base_spec(), max_lora_rank=16, max_bytes=10**7).rank == 8
-    assert catalog.store.base_stand_in(catalog.stand_in_id).path == stand_in.path
 
 
 def test_registry_sources_download_once_into_the_content_cache(tmp_path, base):

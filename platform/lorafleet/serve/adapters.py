@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import hashlib
-import json
 import logging
 import os
 import re
@@ -43,16 +42,11 @@ from lorafleet.serve.config import AdapterSource, ServeConfig, source_problem
 
 log = logging.getLogger(__name__)
 
-# The adapter that stands for "no adapter" where the engine needs one (see engine.py).
-BASE_STAND_IN_NAME = "__lorafleet_base__"
 _NUMERIC_VERSION = re.compile(r"^models:/[^/@]+/\d+/?$")
 
 
 class AdapterError(ValueError):
-    """An adapter source cannot be served (missing, outside the allowed roots, incompatible).
-
-    ``status``/``code``: the HTTP status and error code a refusal maps to (see validation.py).
-    """
+    """An adapter source cannot be served (missing, outside the roots, incompatible); ``status``/``code``: its HTTP answer."""
 
     status = 422
     code = "invalid_adapter"
@@ -265,47 +259,6 @@ class AdapterStore:
                                  f"(sha256 {adapter.content_hash[:12]}..., now {digest[:12]}...); register it again", 409, "adapter_changed")
         return Adapter(adapter.name, adapter.source, adapter.lora_id, str(folder), digest, adapter.pinned)
 
-    def base_stand_in(self, lora_id: int) -> Adapter:
-        """An adapter over the base's first attention projections with every lora_B zero.
-
-        It changes nothing (B = 0 makes the update B @ A zero), but a request carrying it is a
-        LoRA request: see ``engine.EngineSetup.base_through_zero_adapter`` for why the CPU
-        engine needs that for base-model requests.
-        """
-        import torch
-        from safetensors.torch import save_file
-
-        from lorafleet.serve.validation import FINGERPRINT_FILE
-
-        base = self.base_spec()
-        suffix = next((s for s in ("q_proj", "query", "c_attn", "qkv_proj") if s in base.module_suffixes()), None)
-        modules = {m: shape for m, shape in base.linear_shapes.items() if suffix and m.rsplit(".", 1)[-1] == suffix}
-        if not modules:
-            raise AdapterError(f"cannot build the base stand-in adapter: no attention projection found in {self.cfg.model}")
-        rank = 8 if self.cfg.engine.max_lora_rank >= 8 else 1
-        target = self.cache_dir / f"zero-{base.fingerprint[:16]}-r{rank}-{suffix}"
-        if not target.is_dir():
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".zero-", dir=self.cache_dir))
-            try:
-                tensors = {}
-                for module, (out_features, in_features) in modules.items():
-                    tensors[f"base_model.model.{module}.lora_A.weight"] = torch.zeros(rank, in_features)
-                    tensors[f"base_model.model.{module}.lora_B.weight"] = torch.zeros(out_features, rank)
-                save_file(tensors, str(tmp / "adapter_model.safetensors"))
-                config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-                          "target_modules": [suffix], "bias": "none", "base_model_name_or_path": self.cfg.model}
-                (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-                (tmp / FINGERPRINT_FILE).write_text(json.dumps({"base_fingerprint": base.fingerprint, "base_model": self.cfg.model}))
-                try:
-                    os.rename(tmp, target)
-                except OSError:
-                    if not target.is_dir():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return Adapter(BASE_STAND_IN_NAME, "zero", lora_id, str(target), content_hash(target))
-
 
 # --------------------------------------------------------------------------- catalogue
 
@@ -321,7 +274,7 @@ class AdapterCatalog:
         self.cfg = cfg
         self.store = store or AdapterStore(cfg)
         self.sources: dict[str, AdapterSource] = {a.name: a for a in cfg.adapters}
-        # The one counter: ids 1..N in config order; the base stand-in takes N+1.
+        # The one counter: ids 1..N in config order (runtime versions: registry.RUNTIME_LORA_ID_BASE and up).
         self._ids = {name: i + 1 for i, name in enumerate(self.sources)}
         self._resolved: dict[str, Adapter] = {}
         self._locks: dict[str, threading.Lock] = {name: threading.Lock() for name in self.sources}
@@ -329,10 +282,6 @@ class AdapterCatalog:
     @property
     def names(self) -> list[str]:
         return list(self.sources)
-
-    @property
-    def stand_in_id(self) -> int:
-        return len(self._ids) + 1
 
     def __contains__(self, name: str) -> bool:
         return name in self.sources

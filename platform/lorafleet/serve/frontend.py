@@ -36,14 +36,14 @@ log = logging.getLogger(__name__)
 class Frontend:
     """The engine of one replica with vLLM's OpenAI serving objects. Build it with :meth:`start` (tens of seconds)."""
 
-    def __init__(self, cfg: ServeConfig, engine, state, catalog: AdapterCatalog, replica: str, base_stand_in: Optional[Adapter]):
+    def __init__(self, cfg: ServeConfig, engine, state, catalog: AdapterCatalog, replica: str, cpu_lora_patch: Optional[dict] = None):
         self.cfg, self.engine, self.catalog, self.replica = cfg, engine, catalog, replica
         self.models = state.openai_serving_models
         self.completions = state.openai_serving_completion
         self.chat = state.openai_serving_chat
         self.tokenization = state.serving_tokenization
         self.max_model_len: int = engine.model_config.max_model_len
-        self.base_stand_in = base_stand_in
+        self.cpu_lora_patch = cpu_lora_patch  # what the engine's worker says of vllm_cpu_lora's patch (/admin/engines)
         self.slots = LoRASlots(engine, cfg.engine.max_loras, catalog.store.ensure_local)
         # lora id -> the name metrics show (config adapters now; runtime versions as they arrive)
         self.adapter_names = {catalog.lora_id(n): n for n in catalog.names}
@@ -64,7 +64,6 @@ class Frontend:
             for name in catalog.names:
                 await asyncio.to_thread(catalog.resolve, name)
         setup = engine_setup(cfg)
-        stand_in = await asyncio.to_thread(catalog.store.base_stand_in, catalog.stand_in_id) if setup.base_through_zero_adapter else None
         from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         # vLLM's Prometheus metrics (running/waiting requests, KV cache, LoRA adapters, TTFT, ITL)
@@ -72,7 +71,9 @@ class Frontend:
         engine = AsyncLLM.from_engine_args(setup.args, stat_loggers=[PrometheusStatLogger])
         state = State()
         await init_app_state(engine, state, frontend_args(cfg, setup), supported_tasks=("generate",))
-        return cls(cfg, engine, state, catalog, replica, stand_in)
+        # CPU: the worker extension (vllm_cpu_lora.py) says whether vLLM's CPU LoRA ops are patched in the worker
+        patch = (await engine.collective_rpc("lorafleet_cpu_lora_patch_state"))[0] if setup.args.worker_extension_cls else None
+        return cls(cfg, engine, state, catalog, replica, patch)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -84,18 +85,14 @@ class Frontend:
     # ------------------------------------------------------------------ the seam
 
     def bind(self, request, adapter: Optional[Adapter]) -> Optional[Adapter]:
-        """Point ``request.model`` at exactly ``adapter`` (None: the base) for vLLM; returns what the engine runs.
-
-        On CPU the base runs through an all-zero stand-in adapter (see engine.py).
-        """
-        lora = adapter if adapter is not None else self.base_stand_in
-        if lora is None:
+        """Point ``request.model`` at exactly ``adapter`` (None: the base, no LoRARequest) for vLLM; returns ``adapter``."""
+        if adapter is None:
             request.model = self.cfg.base_model_name
             return None
-        lora_request = lora.lora_request()
+        lora_request = adapter.lora_request()
         self.models.lora_requests.setdefault(lora_request.lora_name, lora_request)
         request.model = lora_request.lora_name
-        return lora
+        return adapter
 
     def forget(self, live: set[int]) -> None:
         """Drop the entries of retired adapter versions from vLLM's table (the engine drops their weights: slots.py)."""
@@ -151,14 +148,9 @@ class Frontend:
         except Exception as exc:  # noqa: BLE001 - metrics must never fail a request
             log.debug("list_loras failed: %s", exc)
             return
-        for lora_id in loaded - self._loaded:
-            if lora_id in self.adapter_names:
-                name = self.adapter_names[lora_id]
-                self._loads[name] = self._loads.get(name, 0) + 1
-        for lora_id in self._loaded - loaded:
-            if lora_id in self.adapter_names:
-                name = self.adapter_names[lora_id]
-                self._evictions[name] = self._evictions.get(name, 0) + 1
+        for counts, ids in ((self._loads, loaded - self._loaded), (self._evictions, self._loaded - loaded)):
+            for name in (self.adapter_names[i] for i in ids if i in self.adapter_names):
+                counts[name] = counts.get(name, 0) + 1
         self._loaded = loaded
 
     def adapter_activity(self) -> dict:

@@ -43,8 +43,7 @@ from sqlalchemy.exc import IntegrityError
 
 from lorafleet.serve.config import TENANT_NAME
 
-# vLLM lora_int_ids of runtime adapter versions start here; ids below belong to the adapters
-# of the config file (1..N) and the CPU base stand-in (N+1).
+# vLLM lora_int_ids of runtime adapter versions start here; the config file's adapters are 1..N.
 RUNTIME_LORA_ID_BASE = 1_000_000
 KEY_PREFIX = "lfk"
 _KEY = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{12}})_([0-9a-f]{{64}})$")

@@ -177,8 +177,6 @@ class LoRAServer:
 
         core, snapshot = self.frontend, self.tenancy.view.snapshot
         live = set(snapshot.live_lora_ids) | {core.catalog.lora_id(n) for n in core.catalog.names}
-        if core.base_stand_in is not None:
-            live.add(core.base_stand_in.lora_id)
         pinned = {}
         for record in snapshot.pinned():
             tenant = snapshot.tenants.get(record.tenant_id)
@@ -197,6 +195,7 @@ class LoRAServer:
         state = dict(self._engine_state)
         state["in_flight"] = sorted(core.slots.in_flight)
         state["pinned"] = sorted(core.slots.pinned)
+        state["cpu_lora_patch"] = core.cpu_lora_patch
         counts = self.metrics.snapshot(core.adapter_activity())
         key = tuple((k, str(v)) for k, v in sorted(state.items()))
         since = time.monotonic() - self._published_at
@@ -442,7 +441,7 @@ class LoRAServer:
 
     @api.get("/admin/engines")
     async def engines(self, request: Request) -> Response:
-        """What each live replica last published about its adapters (vLLM's own list_loras, pins, in flight)."""
+        """What each live replica last published: adapters (vLLM's own list_loras, pins, in flight), CPU LoRA patch state."""
         async def states():
             return {"replicas": {r: {k: v for k, v in s.items() if k != "metrics"} for r, s in (await self.tenancy.replica_states()).items()}}
         return await self._admin_call(request, states)
