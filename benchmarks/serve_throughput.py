@@ -35,6 +35,8 @@ from servers import CpuMeter, replay, request_stream, start_lorafleet, start_vll
 
 # lorafleet / vLLM requests/s the issue asks for, per base; TTFT p50 at most 1.1x vLLM's.
 TARGETS = {"medium": 0.95, "tiny": 0.9}
+# vLLM's server gets the patch of vLLM's CPU LoRA ops that lorafleet's engine.py sets on CPU (docs/serving.md): like for like
+VLLM_PATCH = ["--worker-extension-cls", "lorafleet.serve.vllm_cpu_lora.CPULoRAPatch"]
 TTFT_TARGET = 1.1
 BASES = {  # name -> build_base arguments
     "medium": {"hidden": 1024, "layers": 8, "intermediate": 2816, "heads": 16},
@@ -58,7 +60,7 @@ def bench_base(work: Path, name: str, a) -> list[dict]:
     adapters = dict(zip([f"a{i}" for i in range(4)], build_adapters(base, work / f"serve-adapters-{name}", 4)))
     prompts = corpus_lines(400)
     print(f"[{name}] base {parameters(base):,} parameters, adapters {list(adapters)}", flush=True)
-    vllm = start_vllm(work, base, adapters, max_loras=4, max_cpu_loras=8)
+    vllm = start_vllm(work, base, adapters, max_loras=4, max_cpu_loras=8, extra_args=[] if a.vllm_unpatched else VLLM_PATCH)
     rows = []
     try:
         print(f"[{name}] vllm ready in {vllm.startup_s:.0f} s", flush=True)

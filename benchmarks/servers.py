@@ -87,8 +87,10 @@ def start_lorafleet(work: Path, base: Path, adapters: dict[str, Path], *, max_lo
     return Server(name, url, proc, time.monotonic() - started, log)
 
 
-def start_vllm(work: Path, base: Path, adapters: dict[str, Path], *, max_loras: int, max_cpu_loras: int, engine: dict | None = None) -> Server:
-    """vLLM's own OpenAI server with the same engine settings and the same adapters (--lora-modules)."""
+def start_vllm(work: Path, base: Path, adapters: dict[str, Path], *, max_loras: int, max_cpu_loras: int, engine: dict | None = None,
+               extra_args: list[str] | None = None) -> Server:
+    """vLLM's own OpenAI server with the same engine settings and the same adapters (--lora-modules);
+    ``extra_args`` go on its command line (platform/ is on its PYTHONPATH, for lorafleet's worker extension)."""
     port = free_port()
     e = {**ENGINE, **(engine or {})}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--served-model-name", "base",
@@ -99,9 +101,11 @@ def start_vllm(work: Path, base: Path, adapters: dict[str, Path], *, max_loras: 
         cmd.append("--enforce-eager")
     if adapters:
         cmd += ["--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]
+    cmd += extra_args or []
     log = work / "logs" / "vllm.log"
     started = time.monotonic()
-    proc = _popen(cmd, log, dict(os.environ))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "platform"), os.environ.get("PYTHONPATH")]))}
+    proc = _popen(cmd, log, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", 600, proc)
