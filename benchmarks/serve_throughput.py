@@ -15,7 +15,9 @@ the same vLLM server. CPU milliseconds per request are counted per process role 
 processes that handle HTTP/OpenAI work, i.e. Serve's proxy or HAProxy plus the replica, or vLLM's
 API server process; engine: vLLM's EngineCore; ray: Ray's daemons). Bases: "medium", a random
 Llama of ~103 M parameters (hidden 1024, 8 layers), where the model rather than HTTP dominates,
-and the tiny base of the demo (~1.3 M parameters), where per-request overhead shows. Writes
+and the tiny base of the demo (~1.3 M parameters), where per-request overhead shows. On CPU vLLM's
+server gets lorafleet's patch of vLLM's CPU LoRA ops as lorafleet's engine does (docs/serving.md;
+--vllm-unpatched: without). Writes
 benchmarks/results/serve_throughput.json and serve_throughput.png.
 """
 
