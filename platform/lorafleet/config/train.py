@@ -79,6 +79,15 @@ class DataConfig(StrictModel):
     columns: dict[str, str] = Field(default_factory=dict, description="Rename map {task_field: column_in_file}, e.g. {text: utterance, label: intent}.")
     labels: Optional[list[str]] = Field(None, description="Closed label set for classification tasks. Rows with other labels are skipped and counted. Default: labels seen in training data (or the task's own list).")
     on_bad_row: Literal["skip", "error"] = Field("skip", description="Rows with missing/empty fields or unknown labels: `skip` (logged and counted) or `error`.")
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion", "guanaco"] = Field("auto", description="Conversation format of task `chat` data: `openai` (`messages` of role/content, optional per-message `weight: 0`), `sharegpt` (`conversations` of from/value), `alpaca` (instruction/input/output), `prompt_completion`, `guanaco` (`### Human: ... ### Assistant: ...` text). `auto` tells them apart per file by its columns. All are rendered with the base's chat template where it has one.")
+    loss_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field("all_assistant_turns", description="Task `chat`: which assistant turns of a conversation carry loss (assistant messages with `weight: 0` never do). Over-long conversations keep their first whole turns.")
+
+    @model_validator(mode="after")
+    def _format_needs_chat(self):
+        if self.format != "auto" and self.task != "chat":
+            raise ValueError(f"data.format ({self.format}) reads conversations for task chat, but data.task is "
+                             f"{self.task!r}; set data.task: chat, or leave data.format at auto")
+        return self
 
 
 class TrainingConfig(StrictModel):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lorafleet.config.train import DataConfig
+from lorafleet.data.formats import FORMAT_FIELDS, conversation_segments, detect_format, to_messages
 from lorafleet.data.tasks import CHOICE_LETTERS, BadRow, TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Example:
     completion: str
     input: str
     reference: str
+    # A conversation: its text pieces up to the reply above, each marked trained or not (None: prompt + completion).
+    segments: Optional[tuple[tuple[str, bool], ...]] = None
 
 
 @dataclass
@@ -131,16 +134,22 @@ def _load_hub(name: str, config: Optional[str], split: str) -> tuple[list[dict],
 
 
 # -- rows to examples ------------------------------------------------------------------
-def _resolve_columns(task: TaskSpec, found: list[str], columns: dict[str, str], source: str) -> dict[str, str]:
-    """Map each logical field of ``task`` to a column of the file: data.columns, the field's own name,
-    then the task's default column."""
-    unknown = sorted(set(columns) - set(task.fields))
+def _resolve_columns(task: TaskSpec, found: list[str], columns: dict[str, str], source: str,
+                     fmt: Optional[str] = None) -> dict[str, str]:
+    """Map each logical field of ``task`` (of chat format ``fmt`` for a chat task) to a column of the file:
+    data.columns, the field's own name, then the task's default column. Optional fields map when present."""
+    fields, optional, defaults, reader = task.fields, (), task.default_columns, f"task {task.name!r}"
+    if fmt is not None:
+        (fields, optional), reader = FORMAT_FIELDS[fmt], f"format {fmt!r} of task {task.name!r}"
+        defaults = task.default_columns if fmt == "openai" else {}
+    unknown = sorted(set(columns) - set(fields) - set(optional))
     if unknown:
-        raise ValueError(f"data.columns names {unknown}, which task {task.name!r} does not read; "
-                         f"its fields are {list(task.fields)} (map each as data.columns.<field>=<column in the file>)")
-    resolved, missing = {}, []
-    for name in task.fields:
-        candidates = [columns[name]] if name in columns else [name, task.default_columns.get(name)]
+        raise ValueError(f"data.columns names {unknown}, which {reader} does not read; "
+                         f"its fields are {list(fields) + list(optional)} (map each as data.columns.<field>=<column in the file>)")
+    resolved = {name: columns.get(name, name) for name in optional if columns.get(name, name) in found}
+    missing = []
+    for name in fields:
+        candidates = [columns[name]] if name in columns else [name, defaults.get(name)]
         column = next((c for c in candidates if c and c in found), None)
         if column is not None:
             resolved[name] = column
@@ -151,7 +160,7 @@ def _resolve_columns(task: TaskSpec, found: list[str], columns: dict[str, str], 
     if missing:
         wanted = "; ".join(f"field {n!r} (looked for column {' or '.join(repr(c) for c in cs)})" for n, cs in missing)
         example = " ".join(f"--set data.columns.{n}=<column>" for n, _ in missing)
-        raise ValueError(f"task {task.name!r}: {source} lacks {wanted}. Columns found: {found}. "
+        raise ValueError(f"{reader}: {source} lacks {wanted}. Columns found: {found}. "
                          f"Map them with data.columns (e.g. {example}).")
     return resolved
 
@@ -176,8 +185,11 @@ class _Skips:
 
 
 def _to_examples(task: TaskSpec, rows: list[dict], source: str, columns: dict[str, str], closed: Optional[set[str]],
-                 class_names: dict[str, list[str]], skips: _Skips, tokenizer: Any = None) -> list[Example]:
+                 class_names: dict[str, list[str]], skips: _Skips, tokenizer: Any = None, fmt: str = "auto",
+                 loss_on: str = "all_assistant_turns") -> list[Example]:
     found = list(dict.fromkeys(k for row in rows for k in row))
+    if task.kind == "chat":
+        return _chat_examples(task, rows, found, source, columns, skips, tokenizer, fmt, loss_on)
     resolved = _resolve_columns(task, found, columns, source)
     label_col = resolved.get("label")
     index_names = class_names.get(label_col) if label_col else None
@@ -202,6 +214,23 @@ def _to_examples(task: TaskSpec, rows: list[dict], source: str, columns: dict[st
     return examples
 
 
+def _chat_examples(task: TaskSpec, rows: list[dict], found: list[str], source: str, columns: dict[str, str],
+                   skips: _Skips, tokenizer: Any, fmt: str, loss_on: str) -> list[Example]:
+    """Conversations of any chat format (:mod:`lorafleet.data.formats`), each with its trained segments."""
+    fmt = detect_format(found, columns) if fmt == "auto" else fmt
+    resolved = _resolve_columns(task, found, columns, source, fmt)
+    examples = []
+    for i, raw in enumerate(rows):
+        row = {name: raw.get(col) for name, col in resolved.items()}
+        try:
+            prompt, completion, shown, segments = conversation_segments(to_messages(fmt, row), tokenizer, loss_on)
+            examples.append(Example(prompt, completion, shown, completion.strip(), segments))
+        except BadRow as bad:
+            skips.add(bad.reason, str(bad), f"row {i + 1} of {source}")
+    skips.log(source)
+    return examples
+
+
 def _closed_labels(task: TaskSpec, labels: Optional[list[str]]) -> Optional[set[str]]:
     if task.kind != "classification":
         return None
@@ -212,7 +241,7 @@ def _closed_labels(task: TaskSpec, labels: Optional[list[str]]) -> Optional[set[
 
 def _fingerprint(task: TaskSpec, labels: Optional[list[str]], train: list[Example], validation: list[Example]) -> str:
     def rows(examples):
-        return [[e.prompt, e.completion, e.input, e.reference] for e in examples]
+        return [[e.prompt, e.completion, e.input, e.reference] + ([e.segments] if e.segments else []) for e in examples]
 
     blob = json.dumps({"task": task.name, "labels": labels, "train": rows(train), "validation": rows(validation)},
                       ensure_ascii=False, separators=(",", ":"))
@@ -251,7 +280,7 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
     skips = _Skips(cfg.on_bad_row)
     rows, names, source = _read_source(cfg, task, cfg.path, cfg.split)
     stats = {"rows_read": len(rows)}
-    examples = _to_examples(task, rows, source, cfg.columns, closed, names, skips, tokenizer)
+    examples = _to_examples(task, rows, source, cfg.columns, closed, names, skips, tokenizer, cfg.format, cfg.loss_on)
     if not examples:
         raise ValueError(f"{source}: every one of its {len(rows)} row(s) was skipped ({dict(skips.counts)}); "
                          "check the data file, data.columns and data.labels (the log names the first bad row per reason)")
@@ -260,7 +289,8 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
     if separate:
         vrows, vnames, vsource = _read_source(cfg, task, cfg.validation_path, cfg.validation_split or "")
         stats["rows_read"] += len(vrows)
-        validation = _to_examples(task, vrows, vsource, cfg.columns, closed, vnames, skips, tokenizer)
+        validation = _to_examples(task, vrows, vsource, cfg.columns, closed, vnames, skips, tokenizer, cfg.format,
+                                  cfg.loss_on)
         train = examples
     else:
         if len(examples) < 2:
@@ -294,9 +324,9 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
 
 def load_eval_examples(task: Union[TaskSpec, str], path: str, columns: Optional[dict[str, str]] = None,
                        limit: Optional[int] = None, labels: Optional[list[str]] = None, tokenizer: Any = None,
-                       on_bad_row: str = "skip") -> list[Example]:
+                       on_bad_row: str = "skip", fmt: str = "auto") -> list[Example]:
     """Every usable row of ``path`` as an example, in file order, formatted and validated as in
-    :func:`load_task_data` (no split). ``limit`` keeps the first N examples."""
+    :func:`load_task_data` (no split). ``limit`` keeps the first N examples; ``fmt``: a chat task's data.format."""
     spec = get_task(task) if isinstance(task, str) else task
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
@@ -304,7 +334,7 @@ def load_eval_examples(task: Union[TaskSpec, str], path: str, columns: Optional[
         raise ValueError(f"limit must be at least 1 (or None for every row), got {limit}")
     rows = read_rows(path)
     examples = _to_examples(spec, rows, str(path), dict(columns or {}), _closed_labels(spec, labels), {},
-                            _Skips(on_bad_row), tokenizer)
+                            _Skips(on_bad_row), tokenizer, fmt)
     if not examples:
         raise ValueError(f"{path}: none of its {len(rows)} row(s) is a usable {spec.name!r} example")
     return examples[:limit] if limit is not None else examples

@@ -22,12 +22,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from lorafleet.data.formats import conversation_segments, to_messages
+from lorafleet.data.rows import ASSISTANT_MARKER, HUMAN_MARKER, BadRow, is_empty
+
 TaskKind = Literal["classification", "mcqa", "summarization", "chat", "raw_text"]
 TASK_KINDS: tuple[str, ...] = ("classification", "mcqa", "summarization", "chat", "raw_text")
 
 CHOICE_LETTERS = ("A", "B", "C", "D", "E")
-ASSISTANT_MARKER = "### Assistant:"
-HUMAN_MARKER = "### Human:"
 
 # The 77 banking77 intents in plain sorted() order, which is the order of the hub
 # dataset's ClassLabel (PolyAI/banking77: label 0 is "Refund_not_showing_up").
@@ -53,16 +54,7 @@ BANKING77_LABELS: tuple[str, ...] = (
 )
 
 
-class BadRow(ValueError):
-    """A row that cannot become an example. ``reason`` is a short tag counted as ``skipped_<reason>``."""
-
-    def __init__(self, reason: str, message: str):
-        self.reason = reason
-        super().__init__(message)
-
-
-def _is_empty(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
+_is_empty = is_empty
 
 
 def verbalize_label(label: str) -> str:
@@ -218,60 +210,12 @@ class TaskSpec:
 
 
 # -- chat ------------------------------------------------------------------------------
-_ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
-          "bot": "assistant", "model": "assistant", "system": "system"}
-_PLAIN_ROLE = {"user": "Human", "assistant": "Assistant", "system": "System"}
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise BadRow("bad_messages", f"message {i} must be a mapping with role and content, got {type(m).__name__}")
-        role = _ROLES.get(str(m.get("role", m.get("from", ""))).lower())
-        content = m.get("content", m.get("value"))
-        if role is None or _is_empty(content):
-            raise BadRow("bad_messages", f"message {i} needs a role (user/assistant/system) and non-empty content, got {m!r}")
-        out.append({"role": role, "content": str(content).strip()})
-    return out
-
-
 def _chat_parts(spec: TaskSpec, row: dict, tokenizer: Any) -> tuple[str, str, str]:
-    """(prompt, completion, input) of a chat row: ``messages`` list or guanaco ``### Human/### Assistant`` text."""
+    """(prompt, completion, input) of a chat row's last trained assistant turn: a ``messages`` list
+    (OpenAI or ShareGPT items) or guanaco ``### Human/### Assistant`` text."""
     value = spec.value(row, "messages")
-    if value is None:
-        value = row.get("text")
-    if _is_empty(value):
-        raise BadRow("empty_field", f"field 'messages' (or 'text') is empty (got {value!r})")
-    if isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass  # not JSON after all: treat as guanaco text
-    if isinstance(value, str):
-        cut = value.rfind(ASSISTANT_MARKER)
-        reply = value[cut + len(ASSISTANT_MARKER):].strip() if cut >= 0 else ""
-        if cut <= 0 or not reply or not value[:cut].strip():
-            raise BadRow("no_assistant_turn", f"chat text needs '{HUMAN_MARKER} ... {ASSISTANT_MARKER} ...' "
-                                              f"with a non-empty reply, got {value[:80]!r}")
-        head = value[:cut]
-        last_human = head.rfind(HUMAN_MARKER)
-        shown = head[last_human + len(HUMAN_MARKER):] if last_human >= 0 else head
-        return head + ASSISTANT_MARKER, " " + reply, shown.strip()
-    if not isinstance(value, list):
-        raise BadRow("bad_messages", f"field 'messages' must be a list of {{role, content}}, got {type(value).__name__}")
-    messages = _messages(value)
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    if last <= 0:
-        raise BadRow("no_assistant_turn", "messages need at least one turn before a final assistant turn")
-    history = messages[:last]
-    users = [m["content"] for m in history if m["role"] == "user"]
-    shown = users[-1] if users else history[-1]["content"]
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        return prompt, messages[last]["content"], shown
-    plain = "\n".join(f"### {_PLAIN_ROLE[m['role']]}: {m['content']}" for m in history)
-    return f"{plain}\n{ASSISTANT_MARKER}", " " + messages[last]["content"], shown
+    conversation = to_messages("openai", {"messages": value if value is not None else row.get("text")})
+    return conversation_segments(conversation, tokenizer, "all_assistant_turns")[:3]
 
 
 # -- the catalogue -----------------------------------------------------------------------
