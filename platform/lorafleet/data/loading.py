@@ -26,25 +26,13 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lorafleet.config.train import DataConfig
-from lorafleet.data.formats import FORMAT_FIELDS, conversation_segments, detect_format, to_messages
-from lorafleet.data.tasks import CHOICE_LETTERS, BadRow, TaskSpec, get_task
+from lorafleet.data.rows import BadRow, Example
+from lorafleet.data.tasks import ReadContext, TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
 
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
                 ".parquet": "parquet", ".txt": "text"}
-
-
-@dataclass
-class Example:
-    """One prompt/completion pair plus what a predictions file and a metric need."""
-
-    prompt: str
-    completion: str
-    input: str
-    reference: str
-    # A conversation: its text pieces up to the reply above, each marked trained or not (None: prompt + completion).
-    segments: Optional[tuple[tuple[str, bool], ...]] = None
 
 
 @dataclass
@@ -135,13 +123,10 @@ def _load_hub(name: str, config: Optional[str], split: str) -> tuple[list[dict],
 
 # -- rows to examples ------------------------------------------------------------------
 def _resolve_columns(task: TaskSpec, found: list[str], columns: dict[str, str], source: str,
-                     fmt: Optional[str] = None) -> dict[str, str]:
-    """Map each logical field of ``task`` (of chat format ``fmt`` for a chat task) to a column of the file:
+                     fmt: str = "auto") -> dict[str, str]:
+    """Map each logical field of ``task`` (for a chat task: of its format ``fmt``) to a column of the file:
     data.columns, the field's own name, then the task's default column. Optional fields map when present."""
-    fields, optional, defaults, reader = task.fields, (), task.default_columns, f"task {task.name!r}"
-    if fmt is not None:
-        (fields, optional), reader = FORMAT_FIELDS[fmt], f"format {fmt!r} of task {task.name!r}"
-        defaults = task.default_columns if fmt == "openai" else {}
+    fields, optional, defaults, reader = task.column_fields(found, columns, fmt)
     unknown = sorted(set(columns) - set(fields) - set(optional))
     if unknown:
         raise ValueError(f"data.columns names {unknown}, which {reader} does not read; "
@@ -153,9 +138,7 @@ def _resolve_columns(task: TaskSpec, found: list[str], columns: dict[str, str], 
         column = next((c for c in candidates if c and c in found), None)
         if column is not None:
             resolved[name] = column
-        elif task.kind == "mcqa" and name == "choices" and all(c in found for c in CHOICE_LETTERS[:2]):
-            continue  # flat columns A..E hold the choices
-        else:
+        elif not task.field_optional(name, found):
             missing.append((name, [c for c in candidates if c]))
     if missing:
         wanted = "; ".join(f"field {n!r} (looked for column {' or '.join(repr(c) for c in cs)})" for n, cs in missing)
@@ -188,55 +171,21 @@ def _to_examples(task: TaskSpec, rows: list[dict], source: str, columns: dict[st
                  class_names: dict[str, list[str]], skips: _Skips, tokenizer: Any = None, fmt: str = "auto",
                  loss_on: str = "all_assistant_turns") -> list[Example]:
     found = list(dict.fromkeys(k for row in rows for k in row))
-    if task.kind == "chat":
-        return _chat_examples(task, rows, found, source, columns, skips, tokenizer, fmt, loss_on)
-    resolved = _resolve_columns(task, found, columns, source)
+    fmt = task.resolve_format(found, columns, fmt)  # a chat format is told per file
+    resolved = _resolve_columns(task, found, columns, source, fmt)
     label_col = resolved.get("label")
-    index_names = class_names.get(label_col) if label_col else None
+    ctx = ReadContext(fmt=fmt, loss_on=loss_on, closed=closed,
+                      index_names=class_names.get(label_col) if label_col else None)
     examples = []
     for i, raw in enumerate(rows):
         row = dict(raw)
         row.update({name: raw.get(col) for name, col in resolved.items()})
         try:
-            if task.kind == "classification":
-                value = row.get("label")
-                if index_names and isinstance(value, int) and not isinstance(value, bool):
-                    if not 0 <= value < len(index_names):
-                        raise BadRow("unknown_label", f"label index {value} is outside 0..{len(index_names) - 1}")
-                    row["label"] = index_names[value]
-                label = task.label(row)
-                if closed is not None and label not in closed:
-                    raise BadRow("unknown_label", f"label {label!r} is not in the label set (data.labels or the task's own)")
-            examples.append(Example(*task.format_example(row, tokenizer)))
+            examples.append(task.make_example(row, tokenizer, ctx))
         except BadRow as bad:
             skips.add(bad.reason, str(bad), f"row {i + 1} of {source}")
     skips.log(source)
     return examples
-
-
-def _chat_examples(task: TaskSpec, rows: list[dict], found: list[str], source: str, columns: dict[str, str],
-                   skips: _Skips, tokenizer: Any, fmt: str, loss_on: str) -> list[Example]:
-    """Conversations of any chat format (:mod:`lorafleet.data.formats`), each with its trained segments."""
-    fmt = detect_format(found, columns) if fmt == "auto" else fmt
-    resolved = _resolve_columns(task, found, columns, source, fmt)
-    examples = []
-    for i, raw in enumerate(rows):
-        row = {name: raw.get(col) for name, col in resolved.items()}
-        try:
-            prompt, completion, shown, segments = conversation_segments(to_messages(fmt, row), tokenizer, loss_on)
-            examples.append(Example(prompt, completion, shown, completion.strip(), segments))
-        except BadRow as bad:
-            skips.add(bad.reason, str(bad), f"row {i + 1} of {source}")
-    skips.log(source)
-    return examples
-
-
-def _closed_labels(task: TaskSpec, labels: Optional[list[str]]) -> Optional[set[str]]:
-    if task.kind != "classification":
-        return None
-    if labels is not None:
-        return {str(label).strip() for label in labels}
-    return set(task.labels) if task.labels else None
 
 
 def _fingerprint(task: TaskSpec, labels: Optional[list[str]], train: list[Example], validation: list[Example]) -> str:
@@ -270,13 +219,13 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
     with its chat template; without it a plain ``### Human: / ### Assistant:`` layout is used.
     """
     task = get_task(cfg.task)
-    if cfg.labels is not None and task.kind != "classification":
+    if cfg.labels is not None and not task.takes_labels:
         raise ValueError(f"data.labels ({cfg.labels}) is a closed label set for classification tasks, but task "
                          f"{task.name!r} is {task.kind}; remove data.labels")
     if cfg.path and cfg.validation_split:
         raise ValueError(f"data.validation_split ({cfg.validation_split!r}) selects a hub split, but data.path "
                          f"({cfg.path!r}) is a local source; give the validation file as data.validation_path")
-    closed = _closed_labels(task, cfg.labels)
+    closed = task.closed_labels(cfg.labels)
     skips = _Skips(cfg.on_bad_row)
     rows, names, source = _read_source(cfg, task, cfg.path, cfg.split)
     stats = {"rows_read": len(rows)}
@@ -312,9 +261,7 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
         stats["dropped_max_train_samples"] = len(train) - len(keep)
         train = [train[i] for i in keep]
 
-    labels = None
-    if task.kind == "classification":
-        labels = sorted(closed) if closed is not None else sorted({e.reference for e in train})
+    labels = task.label_names(closed, train)
     stats.update({"rows_used": len(train) + len(validation), "train_examples": len(train),
                   "validation_examples": len(validation)})
     stats.update({f"skipped_{reason}": n for reason, n in sorted(skips.counts.items())})
@@ -333,7 +280,7 @@ def load_eval_examples(task: Union[TaskSpec, str], path: str, columns: Optional[
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for every row), got {limit}")
     rows = read_rows(path)
-    examples = _to_examples(spec, rows, str(path), dict(columns or {}), _closed_labels(spec, labels), {},
+    examples = _to_examples(spec, rows, str(path), dict(columns or {}), spec.closed_labels(labels), {},
                             _Skips(on_bad_row), tokenizer, fmt)
     if not examples:
         raise ValueError(f"{path}: none of its {len(rows)} row(s) is a usable {spec.name!r} example")

@@ -1,9 +1,10 @@
-"""What every task reads rows with: :class:`BadRow` (a row that cannot become an example, counted by
-its ``reason``), the emptiness test, and the guanaco chat markers."""
+"""What every task reads rows with and makes of them: :class:`BadRow` (a row that cannot become an
+example, counted by its ``reason``), the emptiness test, the guanaco chat markers, and :class:`Example`."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 ASSISTANT_MARKER = "### Assistant:"
 HUMAN_MARKER = "### Human:"
@@ -19,3 +20,15 @@ class BadRow(ValueError):
 
 def is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+@dataclass
+class Example:
+    """One prompt/completion pair plus what a predictions file and a metric need."""
+
+    prompt: str
+    completion: str
+    input: str
+    reference: str
+    # A conversation: its text pieces up to the reply above, each marked trained or not (None: prompt + completion).
+    segments: Optional[tuple[tuple[str, bool], ...]] = None

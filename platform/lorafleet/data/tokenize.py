@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from lorafleet.data.tasks import TASK_KINDS
+from lorafleet.data.tasks import KINDS, task_kind
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _pieces_feature(tokenizer: Any, encoded: list[tuple[list[int], bool]], eos: 
     return best, False
 
 
-def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind: str,
+def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind: Any,
                       packing: bool = False) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
     """Turn examples into features and report what happened.
 
@@ -109,21 +109,21 @@ def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind:
     first whole trained turns (``stats["truncated_conversations"]``), or is skipped if none fits. ``raw_text`` lines are truncated instead
     (``stats["truncated"]``), or, with ``packing``, all texts (each followed by eos) are
     concatenated and cut into blocks of ``max_seq_length`` (the last partial block dropped).
-    Stats also give ``examples``, ``features``, ``tokens`` (in the features) and ``target_tokens``
-    (those with a label).
+    ``kind``: the task (or its kind's name). Stats also give ``examples``, ``features``, ``tokens``
+    (in the features) and ``target_tokens`` (those with a label).
     """
-    if kind not in TASK_KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; expected one of {', '.join(TASK_KINDS)}")
-    if packing and kind != "raw_text":
-        raise ValueError(f"packing is only for kind raw_text (got {kind!r}): it would mix prompts and completions "
-                         "of different examples; set training.packing: false")
+    whole_text = task_kind(kind).trains_whole_text
+    if packing and not whole_text:
+        packable = ", ".join(name for name, cls in KINDS.items() if cls.trains_whole_text)
+        raise ValueError(f"packing is only for kind {packable} (got {task_kind(kind).kind!r}): it would mix prompts and "
+                         "completions of different examples; set training.packing: false")
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
     eos = _eos_id(tokenizer)
     stats = {"examples": len(examples), "skipped_too_long": 0, "truncated": 0}
     features: list[dict[str, list[int]]] = []
 
-    if kind == "raw_text":
+    if whole_text:
         texts = [e.prompt + e.completion for e in examples]
         encoded = _encode_with_progress(tokenizer, [texts])[0]
         if packing:
