@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 
 from lorafleet.config.train import DataConfig
 from lorafleet.data.rows import BadRow, Example
-from lorafleet.data.tasks import ReadContext, TaskSpec, get_task
+from lorafleet.data.tasks import ReadContext, TaskSpec, get_task, resolve_task
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
     ``cfg.validation_fraction`` of the rows. ``tokenizer`` is only needed to render ``chat`` messages
     with its chat template; without it a plain ``### Human: / ### Assistant:`` layout is used.
     """
-    task = get_task(cfg.task)
+    task = resolve_task(cfg)
     if cfg.labels is not None and not task.takes_labels:
         raise ValueError(f"data.labels ({cfg.labels}) is a closed label set for classification tasks, but task "
                          f"{task.name!r} is {task.kind}; remove data.labels")

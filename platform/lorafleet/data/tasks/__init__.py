@@ -18,12 +18,13 @@ from lorafleet.data.tasks.mcqa import CHOICE_LETTERS, MultipleChoiceTask
 from lorafleet.data.tasks.summarization import SummarizationTask
 from lorafleet.data.tasks.chat import ChatTask  # noqa: E402 (catalogue order)
 from lorafleet.data.tasks.raw_text import RawTextTask
+from lorafleet.data.tasks.custom import GenerationTask, custom_task, resolve_task
 
-TaskKind = Literal["classification", "mcqa", "summarization", "chat", "raw_text"]
+TaskKind = Literal["classification", "mcqa", "summarization", "chat", "raw_text", "generation"]
 TASK_KINDS: tuple[str, ...] = tuple(KINDS)
 
 __all__ = [
     "ASSISTANT_MARKER", "BANKING77_LABELS", "CHOICE_LETTERS", "HUMAN_MARKER", "KINDS", "TASK_KINDS", "BadRow",
-    "ChatTask", "ClassificationTask", "MultipleChoiceTask", "RawTextTask", "ReadContext", "SummarizationTask",
-    "TaskKind", "TaskSpec", "get_task", "list_tasks", "register_kind", "register_task", "task_kind", "verbalize_label",
+    "ChatTask", "ClassificationTask", "GenerationTask", "MultipleChoiceTask", "RawTextTask", "ReadContext", "SummarizationTask",
+    "TaskKind", "TaskSpec", "custom_task", "get_task", "list_tasks", "register_kind", "register_task", "resolve_task", "task_kind", "verbalize_label",
 ]

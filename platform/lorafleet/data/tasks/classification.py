@@ -71,14 +71,11 @@ class ClassificationTask(TaskSpec):
             return self.labels[value]
         return self.text(row, "label")
 
-    def format_prompt(self, row: dict, tokenizer: Any = None) -> str:
-        return self.template.format(text=self.text(row, "text"))
-
     def format_completion(self, row: dict, tokenizer: Any = None) -> str:
         return " " + verbalize_label(self.label(row))
 
     def format_input(self, row: dict) -> str:
-        return self.text(row, "text")
+        return self.text(row, self.fields[0])
 
     def format_reference(self, row: dict) -> str:
         return self.label(row)
