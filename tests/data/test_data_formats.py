@@ -161,3 +161,17 @@ def test_format_config_errors_name_the_way_out(tmp_path):
     data = load_task_data(DataConfig(task="chat", path=_write_jsonl(tmp_path / "y.jsonl", rows), format="prompt_completion",
                                      columns={"prompt": "question", "completion": "answer"}))
     assert sorted(e.reference for e in data.train + data.validation) == ["a0", "a1", "a2", "a3"]
+
+
+def test_a_template_that_rewrites_earlier_turns_uses_trls_training_version(tmp_path):
+    """Qwen3's template drops the think block of earlier turns, so rendering prefixes cannot find its turns;
+    trl ships a prefix-preserving training version of it, which is used (token-level check)."""
+    trl_templates = pytest.importorskip("trl.chat_template_utils")
+    from data_helpers import make_tokenizer
+
+    qwen3 = (Path(trl_templates.__file__).parent / "chat_templates" / "qwen3.jinja").read_text()
+    tok = make_tokenizer(qwen3)
+    messages = [m for m in TWO_TURNS if m["role"] != "system"]
+    (ex,), (f,), _ = _features(tmp_path, [{"messages": messages}], tok)
+    assert _trained(f, tok) == ["<think>\n\n</think>\n\nHello.<|im_end|>", "<think>\n\n</think>\n\n4<|im_end|></s>"]
+    assert ex.prompt.endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")

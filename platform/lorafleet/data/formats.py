@@ -21,13 +21,14 @@ Example::
 is the rendered conversation up to its last trained assistant turn. With a chat template the
 text of each turn is found by rendering prefixes (``messages[:i]`` with the generation prompt,
 then ``messages[:i+1]``), which works for any template that renders a conversation as the
-prefix of its continuation; without one, the plain ``### Human: / ### Assistant:`` layout.
+prefix of its continuation (for the templates that do not, such as Qwen3's, trl's training
+version of the template is used); without one, the plain ``### Human: / ### Assistant:`` layout.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from lorafleet.data.rows import ASSISTANT_MARKER, HUMAN_MARKER, BadRow, is_empty
 
@@ -160,10 +161,31 @@ def _trained_turns(messages: list[dict], loss_on: str) -> list[int]:
     return turns if loss_on == "all_assistant_turns" else turns[-1:]
 
 
+_TRAINING_TEMPLATES: dict[str, Optional[str]] = {}
+
+
+def training_template(tokenizer: Any) -> Optional[str]:
+    """trl's training version of the tokenizer's chat template when trl patches it (a template that
+    re-renders earlier turns differently, as Qwen3's drops their think blocks, made prefix-preserving),
+    else None: the template's own rendering is used (any prefix-preserving template works as is)."""
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        return None
+    if template not in _TRAINING_TEMPLATES:
+        try:
+            from trl.chat_template_utils import get_training_chat_template
+
+            _TRAINING_TEMPLATES[template] = get_training_chat_template(tokenizer)
+        except (ImportError, ValueError):  # no trl, or a template trl has no training version of
+            _TRAINING_TEMPLATES[template] = None
+    return _TRAINING_TEMPLATES[template]
+
+
 def _render(tokenizer: Any, messages: list[dict], generation: bool) -> str:
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     try:
-        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation)
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation,
+                                             chat_template=training_template(tokenizer))
     except Exception as exc:  # jinja's TemplateError: e.g. roles that do not alternate
         raise BadRow("bad_messages", f"the chat template refused this conversation: {exc}") from None
 
