@@ -144,20 +144,23 @@ class DataConfig(StrictModel):
     loss_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field("all_assistant_turns", description="Task `chat`: which assistant turns of a conversation carry loss (assistant messages with `weight: 0` never do). Over-long conversations keep their first whole turns.")
 
     @model_validator(mode="after")
-    def _format_needs_chat(self):
+    def _task_and_format(self):
+        errors = []
         if self.custom_task is not None:
             if self.task is not None and self.task != self.custom_task.name:
-                raise ValueError(f"data.task ({self.task!r}) and data.custom_task (named {self.custom_task.name!r}) "
-                                 "both name the task; remove data.task, or set custom_task.name to it")
+                errors.append(f"data.task ({self.task!r}) and data.custom_task (named {self.custom_task.name!r}) both name "
+                              "the task; remove data.task, or set custom_task.name to it")
             if self.labels is not None:
-                raise ValueError("data.labels and data.custom_task: give the closed label set as custom_task.labels")
-            self.__dict__["task"] = self.custom_task.name
+                errors.append(f"data.labels ({self.labels}) with data.custom_task: give the closed label set as custom_task.labels")
+            self.__dict__["task"] = self.custom_task.name  # the run's task is the custom one
         elif self.task is None:
-            raise ValueError("data.task is required: a task of the catalogue (`lorafleet tasks` lists them), "
-                             "or define one with data.custom_task")
+            errors.append("data.task is required: a task of the catalogue (`lorafleet tasks` lists them), "
+                          "or define one with data.custom_task")
         if self.format != "auto" and self.task != "chat":
-            raise ValueError(f"data.format ({self.format}) reads conversations for task chat, but data.task is "
-                             f"{self.task!r}; set data.task: chat, or leave data.format at auto")
+            errors.append(f"data.format ({self.format}) reads conversations for task chat, but data.task is "
+                          f"{self.task!r}; set data.task: chat, or leave data.format at auto")
+        if errors:
+            raise ValueError("; ".join(errors))
         return self
 
 
