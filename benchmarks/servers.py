@@ -193,3 +193,50 @@ def warm(url: str, models: list[str], prompts: list[str], max_tokens: int = 8, r
     (router, multiplexing, HTTP connections) and the engine's first batches are not timed."""
     for r in range(rounds):
         asyncio.run(replay(url, request_stream(prompts, models, max(len(models), 8), max_tokens, seed=100 + r), 1 if r == 0 else 8))
+
+
+def process_role(cmdline: str) -> str:
+    """Which part of a serving stack a process is, from its command line / title.
+
+    engine: vLLM's EngineCore (the model); front: what handles HTTP and OpenAI work (Serve's proxy,
+    HAProxy, the lorafleet replica, vLLM's API server process); ray: Ray's own daemons and
+    controller. The lorafleet replica's own CPU is mostly front work: its engine core is a child."""
+    if "EngineCore" in cmdline or "VLLM::" in cmdline:
+        return "engine"
+    if any(s in cmdline for s in ("ServeReplica", "ProxyActor", "HAProxyManager", "haproxy", "vllm.entrypoints.openai")):
+        return "front"
+    return "ray"
+
+
+class CpuMeter:
+    """CPU seconds used by a server's process tree between start() and stop(), split by role."""
+
+    def __init__(self, root_pid: int):
+        self.root_pid = root_pid
+        self.before: dict[int, tuple[str, float]] = {}
+
+    def _snapshot(self) -> dict[int, tuple[str, float]]:
+        import psutil
+
+        out = {}
+        try:
+            root = psutil.Process(self.root_pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return out
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                out[p.pid] = (process_role(" ".join(p.cmdline()) + " " + p.name()), t.user + t.system)
+            except psutil.Error:
+                continue
+        return out
+
+    def start(self) -> None:
+        self.before = self._snapshot()
+
+    def stop(self) -> dict[str, float]:
+        after, used = self._snapshot(), {"front": 0.0, "engine": 0.0, "ray": 0.0}
+        for pid, (role, cpu) in after.items():
+            used[role] += cpu - self.before.get(pid, (role, 0.0))[1]
+        return used

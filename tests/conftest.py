@@ -37,7 +37,9 @@ def ray_cluster(work_home):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, log_to_driver=False, _node_ip_address="127.0.0.1",
+        # address="local": a new cluster even when a `ray start` one runs on this machine (ray.init
+        # would otherwise join it, and refuse num_cpus).
+        ray.init(address="local", num_cpus=8, log_to_driver=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}})
     yield ray
     ray.shutdown()

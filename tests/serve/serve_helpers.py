@@ -165,3 +165,17 @@ def near_tie(base: Path, adapter: Path | None, prompt: str, ours: list[int], the
     mine = ours[p] if p < len(ours) else None
     other = theirs[p] if p < len(theirs) else None
     return gap < tol and {mine, other} <= candidates, f"first difference at token {p}: top-2 logit gap {gap:.2e}, tokens {mine} vs {other}"
+
+
+# Numbers at and past every limit an engine type has (int32, int64, uint64, float64), for fuzzing.
+EXTREMES = [-1, 0, 1.5, 2**31, 2**63, 2**64 + 1, 10**40, 1e308, -1e308]
+
+
+def numeric_fields(model) -> list[str]:
+    """The request model's plain int/float fields, read from vLLM's own model (new ones are fuzzed as vLLM adds them)."""
+    out = []
+    for name, field in model.model_fields.items():
+        annotation = str(field.annotation)
+        if ("int" in annotation or "float" in annotation) and not any(t in annotation for t in ("list", "dict", "Format", "Options", "Choice")):
+            out.append(name)
+    return out

@@ -15,7 +15,7 @@ import json
 import httpx
 import pytest
 
-from serve_helpers import ADMIN_KEY, BASE, MAX_NEW_TOKENS
+from serve_helpers import ADMIN_KEY, BASE, EXTREMES, MAX_NEW_TOKENS, numeric_fields
 
 pytestmark = pytest.mark.slow
 
@@ -137,19 +137,6 @@ def test_another_tenant_cannot_reach_the_adapter_with_any_of_these_features(serv
 
 # --------------------------------------------------------------------------- bad input never gets a 5xx
 
-EXTREMES = [-1, 0, 1.5, 2**31, 2**63, 2**64 + 1, 10**40, 1e308, -1e308]
-
-
-def _numeric_fields(model) -> list[str]:
-    """The request model's plain int/float fields, read from vLLM's own model (new ones are fuzzed as vLLM adds them)."""
-    out = []
-    for name, field in model.model_fields.items():
-        annotation = str(field.annotation)
-        if ("int" in annotation or "float" in annotation) and not any(t in annotation for t in ("list", "dict", "Format", "Options", "Choice")):
-            out.append(name)
-    return out
-
-
 def test_every_numeric_field_at_and_past_its_limits_gets_an_answer_not_a_5xx(served, tenant):
     """Each numeric parameter of both generation routes at 0, negative, 2^31, 2^63, 2^64+1, 10^40, +-1e308:
     a 200 or a 4xx in OpenAI's shape, never a 5xx, and the engine still answers afterwards
@@ -163,7 +150,7 @@ def test_every_numeric_field_at_and_past_its_limits_gets_an_answer_not_a_5xx(ser
     failures, tried = [], 0
     with httpx.Client(base_url=served.url, headers=headers, timeout=120) as http:
         for path, model, base in routes:
-            for field in _numeric_fields(model):
+            for field in numeric_fields(model):
                 for value in EXTREMES:
                     r = http.post(path, json={**base, field: value})
                     tried += 1

@@ -32,7 +32,7 @@ import httpx
 import psutil
 import pytest
 
-from serve_helpers import MAX_MODEL_LEN
+from serve_helpers import EXTREMES, MAX_MODEL_LEN, numeric_fields
 from testutils import REPO, record_scenario
 
 pytestmark = [
@@ -460,6 +460,52 @@ def test_hand_made_hostile_requests_get_4xx_and_the_server_stays_healthy(srv):
     record_scenario("bad input", "hand-made hostile requests", bad_inputs=f"{len(outcomes)}: " + ", ".join(outcomes),
                     lost="nothing", outcome=f"0 x 5xx; statuses {sorted(set(outcomes.values()))}; /health 200 and a normal request served after",
                     requests=len(outcomes), server_errors=len(fives))
+
+
+def test_every_numeric_field_of_every_generation_route_past_its_limits_streamed_or_not_gets_no_5xx(srv):
+    """The full cross product of `make test`'s fast subset (tests/serve/test_api_parity.py): every
+    numeric field of vLLM's completion and chat request models, at and past every limit
+    (EXTREMES), on both routes, streamed and not, plus token ids in /detokenize: a 200 or a 4xx in OpenAI's
+    shape; a stream that starts with 200 may only carry 4xx error events; the engine answers after."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    routes = [("/v1/completions", CompletionRequest, {"model": "b", "prompt": "my card", "max_tokens": 1}),
+              ("/v1/chat/completions", ChatCompletionRequest, {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})]
+    failures, statuses, tried = [], Counter(), 0
+    with httpx.Client(base_url=srv.url, headers=srv.auth("acme"), timeout=120) as http:
+        for path, model, base in routes:
+            for stream in (False, True):
+                for field in numeric_fields(model):
+                    for value in EXTREMES:
+                        r = http.post(path, json={**base, field: value, "stream": stream})
+                        tried += 1
+                        statuses[r.status_code] += 1
+                        if r.status_code >= 500:
+                            failures.append((path, stream, field, value, r.status_code, r.text[:200]))
+                        elif r.status_code != 200:
+                            if set(r.json()) != {"error"}:
+                                failures.append((path, stream, field, value, r.status_code, "not OpenAI's error shape", r.text[:200]))
+                            ERRORS_SEEN.append(r.text)
+                        elif stream:
+                            events = [json.loads(line[6:]) for line in r.text.splitlines()
+                                      if line.startswith("data: ") and line != "data: [DONE]"]
+                            bad = [e for e in events if "error" in e and int(e["error"].get("code") or 500) >= 500]
+                            if bad or not r.text.rstrip().endswith("data: [DONE]"):
+                                failures.append((path, stream, field, value, "stream", str(bad)[:200] or r.text[-200:]))
+        for value in EXTREMES:  # /detokenize's only numbers are token ids
+            r = http.post("/detokenize", json={"model": "b", "tokens": [1, value]})
+            tried += 1
+            statuses[r.status_code] += 1
+            if r.status_code >= 500:
+                failures.append(("/detokenize", value, r.status_code, r.text[:200]))
+        ok = http.post("/v1/completions", json={"model": "b", "prompt": srv.assets.prompts[0], "max_tokens": MAX_TOKENS, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    assert tried > 300 and not failures, failures[:10]
+    record_scenario("bad input", "every numeric field of both generation routes past its limits, streamed and not",
+                    bad_inputs=f"{tried} requests: {len(EXTREMES)} values x every int/float field x 2 routes x stream on/off, /detokenize ids",
+                    lost="nothing", outcome=f"0 x 5xx; statuses {dict(sorted(statuses.items()))}; a normal request served after",
+                    requests=tried, server_errors=len(failures))
 
 
 def test_fuzzing_every_operation_of_the_openapi_document_finds_no_5xx_and_no_schema_violation(srv):

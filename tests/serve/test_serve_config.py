@@ -320,3 +320,33 @@ def test_cli_refuses_a_bad_config(tmp_path, capsys):
     assert serve_main(str(bad), ["port=70000"]) == 2
     err = capsys.readouterr().err
     assert "prot: unknown key" in err and "engine.max_loras" in err and "port" in err
+
+
+def test_ingress_mode_is_the_environment_of_the_ray_that_lorafleet_serve_starts(monkeypatch, caplog):
+    """deployment.ingress is a Ray cluster setting: `lorafleet serve` sets it before it imports Ray Serve
+    and starts Ray (whose processes inherit it); it cannot change a cluster it joins, or a Serve already imported."""
+    import sys
+
+    from lorafleet.serve.cli import ingress_env
+
+    for k in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    proxy = ServeConfig(model="m")
+    haproxy = ServeConfig(model="m", deployment={"ingress": "haproxy"})
+    with pytest.raises(ValueError, match="ingress"):
+        ServeConfig(model="m", deployment={"ingress": "direct-ish"})
+    monkeypatch.delitem(sys.modules, "ray.serve", raising=False)
+    assert ingress_env(proxy) == {}
+    assert ingress_env(haproxy) == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+    assert ingress_env(haproxy) == {}
+    assert ingress_env(proxy) == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with caplog.at_level("WARNING"):
+        assert ingress_env(proxy) == {}
+    assert "start them with RAY_SERVE_ENABLE_DIRECT_INGRESS=0 RAY_SERVE_ENABLE_HA_PROXY=0" in caplog.text
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setitem(sys.modules, "ray.serve", object())
+    with pytest.raises(ConfigError, match="before Ray Serve is imported"):
+        ingress_env(proxy)

@@ -77,3 +77,27 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
     with pytest.raises(RuntimeError, match="no complete checkpoint to resume from") as err:
         ckpt.choose_resume_checkpoint(latest)
     assert all(p.name in str(err.value) for p in paths) and f"Delete {run}" in str(err.value)
+
+
+def test_without_a_registered_checkpoint_resume_finds_the_complete_one_in_the_run_storage(tmp_path, caplog):
+    """A driver killed before Ray registered the run's first checkpoint: the re-submitted run has no
+    ``latest``, but the workers had written complete checkpoints; it resumes from the newest, not step 0."""
+    run = tmp_path / "run"
+    assert ckpt.choose_resume_checkpoint(None, str(run)) is None  # a new run: nothing there yet
+    assert ckpt.choose_resume_checkpoint(None, None) is None
+    paths = [_fake_checkpoint(run / f"checkpoint_2025-01-01_00-00-0{i}.000000", step=5 * (i + 1)) for i in range(2)]
+    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
+        chosen = ckpt.choose_resume_checkpoint(None, str(run))
+    assert Path(chosen.path) == paths[1]
+    with chosen.as_directory() as d:
+        assert ckpt.read_train_state(d).global_step == 10
+    assert "Ray has no registered checkpoint" in caplog.text and "(step 10)" in caplog.text
+    caplog.clear()
+
+    (paths[1] / "lorafleet_manifest.rank1.json").unlink()  # the newest half-written: the older complete one
+    assert Path(ckpt.choose_resume_checkpoint(None, str(run)).path) == paths[0]
+    (paths[0] / "dcp" / "__0_0.distcp").write_bytes(b"")
+    # Nothing complete (killed while writing the first one): step 0, said in the log, not an error.
+    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
+        assert ckpt.choose_resume_checkpoint(None, str(run)) is None
+    assert "starting at step 0: no complete checkpoint" in caplog.text and "half-written" in caplog.text

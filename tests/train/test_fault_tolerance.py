@@ -218,7 +218,9 @@ def _eval_loss_change(res: dict, since_step: int) -> float:
 
 def test_killed_driver_then_same_run_name_resumes(tiny_base, small_csv, tmp_path, work_home, ray_address):
     """SIGKILL the driver of `jobs/finetune.py` (connected to the session's Ray cluster); re-running
-    the same command continues from the latest checkpoint and the same MLflow run."""
+    the same command continues from the newest complete checkpoint and the same MLflow run, even
+    when Ray has no record of it (the driver died before Ray registered a checkpoint; Ray's own
+    restore from a registered checkpoint is tests/cluster/test_job_submit.py's case)."""
     sets = [f"model.name_or_path={tiny_base}", f"data.path={small_csv}", f"output_dir={tmp_path / 'out'}",
             "run_name=test-kill-driver", "training.max_steps=40", "checkpoint.every_n_steps=5", "training.logging_steps=5",
             "training.generation_metrics=false", "training.max_seq_length=128", "tracking.experiment_name=test-kill-driver"]
@@ -232,6 +234,9 @@ def test_killed_driver_then_same_run_name_resumes(tiny_base, small_csv, tmp_path
         first.kill()
         first.wait()
     registered = max(_registered_steps(run_dir))
+    # As if the driver had died before Ray's controller recorded any checkpoint (its snapshot is
+    # what Ray restores from): the complete checkpoints the workers wrote must still be found.
+    (run_dir / "checkpoint_manager_snapshot.json").unlink()
     started = time.monotonic()
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     resubmit_s = time.monotonic() - started
@@ -249,7 +254,7 @@ def test_killed_driver_then_same_run_name_resumes(tiny_base, small_csv, tmp_path
     runs = client.search_runs([exp.experiment_id], "tags.`lorafleet.run_name` = 'test-kill-driver'")
     assert [r.info.run_id for r in runs] == [res["mlflow_run_id"]], "the resubmission should continue the same MLflow run"
     record_scenario("training", "SIGKILL the driver, resubmit the same run name", load="40 steps, 2 workers FSDP2, checkpoint every 5",
-                    faults=f"SIGKILL jobs/finetune.py once the step-{registered} checkpoint was registered; same command re-run",
+                    faults=f"SIGKILL jobs/finetune.py after the step-{registered} checkpoint, Ray's checkpoint record deleted; same command re-run",
                     lost="steps after the last checkpoint (redone)", outcome=f"resumed from step {res['resumed_from_step']} in the "
                     "same MLflow run, finished step 40", checkpoint_at_kill=registered, resumed_from_step=res["resumed_from_step"],
                     resubmit_s=round(resubmit_s, 1))

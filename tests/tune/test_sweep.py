@@ -63,6 +63,30 @@ def test_metric_must_be_one_the_task_reports():
         load_config(SweepConfig, REPO / "jobs/configs/banking77-sweep.yaml", ["finetune.training.generation_metrics=false"])
 
 
+def test_trials_use_the_mlflow_store_the_driver_resolved(tmp_path, monkeypatch):
+    """A trial may run on another node, whose own default work dir (another disk, another sqlite
+    file) would silently split the sweep's runs: the driver's resolved store is pinned into the
+    trial config, and a file store on a multi-node cluster is warned about."""
+    from lorafleet.tracking import resolve_artifact_location, resolve_tracking_uri, warn_if_node_local
+    from lorafleet.tune.sweep import prepare_trial_base
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "driver-home"))
+    cfg = load_config(SweepConfig, REPO / "jobs/configs/banking77-sweep.yaml")
+    monkeypatch.setattr("lorafleet.train.trainer.resolve_local_paths", lambda ft: ft)
+    base = prepare_trial_base(cfg)
+    driver_uri = f"sqlite:///{tmp_path / 'driver-home'}/mlflow.db"
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "other-node-home"))  # what a trial elsewhere would see
+    assert resolve_tracking_uri(base.tracking) == driver_uri
+    assert resolve_artifact_location(base.tracking) == (tmp_path / "driver-home" / "mlartifacts").as_uri()
+    assert resolve_tracking_uri(cfg.finetune.tracking) != driver_uri  # unpinned, it would have split
+
+    assert "every node shares" in warn_if_node_local(driver_uri, nodes=3)
+    assert warn_if_node_local(driver_uri, nodes=1) is None
+    assert warn_if_node_local("postgresql://db/mlflow", nodes=3) is None
+    assert warn_if_node_local("http://mlflow:5000", nodes=3) is None
+
+
 def test_optuna_search_is_a_config_choice():
     from ray.tune.search.optuna import OptunaSearch
 

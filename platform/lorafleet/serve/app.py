@@ -16,6 +16,8 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,7 +25,9 @@ from ray import serve
 from ray.serve import Application
 
 from lorafleet.config.base import validate_config
-from lorafleet.serve.config import ServeConfig
+from lorafleet.serve.config import INGRESS_ENV, ServeConfig
+
+log = logging.getLogger(__name__)
 
 SERVER_DEPLOYMENT = "LoRAServer"
 MANAGEMENT_HEADROOM = 32  # concurrent non-generation calls (health, metrics, /v1/adapters, /admin) per replica beyond the admission bound
@@ -63,6 +67,11 @@ def app_from_config(cfg: ServeConfig, root: Optional[Path] = None) -> Applicatio
     from lorafleet.serve.server import LoRAServer
 
     cfg = cfg.absolute(root)
+    wanted = INGRESS_ENV[cfg.deployment.ingress]
+    if any(os.environ.get(k, "0") != v for k, v in wanted.items()):
+        log.warning("deployment.ingress is %s, but this Ray runs with %s: Serve uses what the cluster's nodes were started "
+                    "with; start them with %s", cfg.deployment.ingress, {k: os.environ.get(k, "unset") for k in wanted},
+                    " ".join(f"{k}={v}" for k, v in wanted.items()))
     # The admin key leaves the driver only as its digest (read here from the config or the environment).
     digest = cfg.tenancy.admin_digest()
     cfg = cfg.model_copy(update={"tenancy": cfg.tenancy.model_copy(update={"admin_key": None, "admin_key_sha256": digest})})

@@ -18,11 +18,30 @@ import threading
 from typing import Iterable
 
 from lorafleet.config.base import ConfigError
+from lorafleet.serve.config import INGRESS_ENV
 from lorafleet.ray_local import start_local_ray
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "lorafleet"
+
+
+def ingress_env(cfg, environ=os.environ) -> dict[str, str]:
+    """The environment this process must have for the Ray it starts to run ``deployment.ingress``;
+    ConfigError when that cannot be, or is too late (ray.serve already imported with other values)."""
+    wanted = INGRESS_ENV[cfg.deployment.ingress]
+    differs = {k: v for k, v in wanted.items() if environ.get(k, "0") != v}
+    if not differs:
+        return {}
+    if environ.get("RAY_ADDRESS"):
+        log.warning("deployment.ingress is %s but this shell has %s: joining the cluster in RAY_ADDRESS, whose nodes keep the "
+                    "setting they were started with (start them with %s)", cfg.deployment.ingress,
+                    {k: environ.get(k, "unset") for k in wanted}, " ".join(f"{k}={v}" for k, v in wanted.items()))
+        return {}
+    if "ray.serve" in sys.modules:
+        raise ConfigError("deployment.ingress", [f"{cfg.deployment.ingress} needs {' '.join(f'{k}={v}' for k, v in wanted.items())} "
+                                                 "before Ray Serve is imported; set them in the environment of this process"])
+    return differs
 
 
 def _start_ray(cfg) -> bool:
@@ -47,6 +66,12 @@ def serve_main(config_path: str, overrides: Iterable[str] = ()) -> int:
 
     try:
         cfg = load_serve_config(config_path, list(overrides))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    try:
+        os.environ.update(ingress_env(cfg))  # before Ray Serve is imported here and before Ray starts
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

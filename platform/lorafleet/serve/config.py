@@ -31,6 +31,12 @@ from lorafleet.config.base import ConfigError, StrictModel, apply_overrides, rea
 # vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 APP_IMPORT_PATH = "lorafleet.serve.app:build_app"
+# deployment.ingress -> the Ray Serve settings it stands for. Serve reads them when ray.serve is
+# first imported, in every process of the cluster (controller, proxies, replicas).
+INGRESS_ENV = {
+    "proxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"},
+    "haproxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the registry's tenant names
 _TENANT_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789._-"  # every character TENANT_NAME admits
@@ -126,6 +132,12 @@ class DeploymentSettings(StrictModel):
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the engine replicas (Ray runtime_env), e.g. VLLM_CPU_OMP_THREADS_BIND, HF_HOME, HF_TOKEN.")
     health_check_period_s: float = Field(10, gt=0, description="How often Serve checks that each replica's engine is alive.")
     health_check_timeout_s: float = Field(60, gt=0, description="How long one health check may take before the replica is restarted.")
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="How a client's HTTP connection reaches a replica. `proxy`: Ray Serve's HTTP proxy forwards each request to a "
+        "replica (one Ray hop). `haproxy`: Ray Serve 2.60's direct ingress behind HAProxy (RAY_SERVE_ENABLE_DIRECT_INGRESS=1, "
+        "RAY_SERVE_ENABLE_HA_PROXY=1): every replica serves HTTP itself and HAProxy balances connections over them, no Ray hop. "
+        "A setting of the Ray cluster: `lorafleet serve` sets it for the Ray it starts; for `serve run` / `serve deploy` to a "
+        "`ray start` cluster, start every node with those variables (docs/serving.md, \"Ingress\").")
 
     @model_validator(mode="after")
     def _deployment_rules(self) -> "DeploymentSettings":

@@ -12,16 +12,18 @@ from lorafleet.tracking.mlflow_tracking import (
     finish_run,
     git_commit,
     list_registered_adapters,
+    pinned_tracking,
     register_adapter,
     resolve_artifact_location,
     resolve_tracking_uri,
     start_or_resume_run,
+    warn_if_node_local,
 )
 from lorafleet.tracking.plots import plot_loss_curve
 from lorafleet.tracking.wandb_tracking import WandbRun, WandbSettings, wandb_run_id
 
 __all__ = [
     "MetricsLogger", "TrackingError", "WandbRun", "WandbSettings", "dataset_fingerprint_tag", "download_adapter",
-    "ensure_experiment", "finish_run", "git_commit", "list_registered_adapters", "plot_loss_curve",
-    "register_adapter", "resolve_artifact_location", "resolve_tracking_uri", "start_or_resume_run", "wandb_run_id",
+    "ensure_experiment", "finish_run", "git_commit", "list_registered_adapters", "plot_loss_curve", "pinned_tracking",
+    "register_adapter", "resolve_artifact_location", "resolve_tracking_uri", "start_or_resume_run", "wandb_run_id", "warn_if_node_local",
 ]

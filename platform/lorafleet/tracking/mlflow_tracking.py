@@ -104,6 +104,30 @@ def resolve_artifact_location(cfg: TrackingConfig) -> Optional[str]:
     return None
 
 
+def pinned_tracking(cfg: TrackingConfig) -> dict[str, Optional[str]]:
+    """The tracking URI and artifact location as resolved on this machine, to pin into a config
+    that runs elsewhere (a Tune trial on another node would otherwise resolve its own defaults:
+    another node's work dir, another sqlite file). Empty when tracking is off."""
+    if not cfg.enabled:
+        return {}
+    return {"mlflow_tracking_uri": resolve_tracking_uri(cfg), "mlflow_artifact_location": resolve_artifact_location(cfg)}
+
+
+def warn_if_node_local(tracking_uri: str, nodes: int) -> Optional[str]:
+    """A warning (logged and returned) when a file-based MLflow store is used on a multi-node Ray
+    cluster: workers and trials on other nodes write to that path on their own disk unless it is
+    a shared filesystem."""
+    if nodes < 2 or not (tracking_uri.startswith(("sqlite:///", "file:")) or "://" not in tracking_uri):
+        return None
+    if tracking_uri == "sqlite:///:memory:":
+        return None
+    msg = (f"MLflow store {tracking_uri} is a file on this node, and the Ray cluster has {nodes} nodes: runs on other "
+           f"nodes only reach it if that path is on a filesystem every node shares. Otherwise set "
+           f"tracking.mlflow_tracking_uri (or MLFLOW_TRACKING_URI) to an MLflow server or a postgresql:// URL")
+    log.warning(msg)
+    return msg
+
+
 def _client(tracking_uri: str) -> "MlflowClient":
     from mlflow import MlflowClient
 

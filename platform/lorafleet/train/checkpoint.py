@@ -165,8 +165,9 @@ def verify_checkpoint(path: str | Path) -> str | None:
     return None
 
 
-def choose_resume_checkpoint(latest):
-    """Collective: the checkpoint every rank resumes from, given Ray's ``latest`` (a ``ray.train.Checkpoint``).
+def choose_resume_checkpoint(latest, run_uri: str | None = None):
+    """Collective: the checkpoint every rank resumes from, given Ray's ``latest`` (a
+    ``ray.train.Checkpoint``, or None when Ray has none for the run) and the run's storage folder.
 
     The newest complete checkpoint of the run: of ``latest`` and the other ``checkpoint_*``
     folders beside it in the run's storage (Ray names them by creation time), the newest that
@@ -175,45 +176,76 @@ def choose_resume_checkpoint(latest):
     controller registered it (so a kill never costs more than one checkpoint interval). Any
     choice other than ``latest`` is logged with the reason. If none verifies, every rank
     raises: silently starting over at step 0 would throw away the run's progress; delete the
-    run's storage folder (or pick a new run_name) to do that on purpose. Rank 0 decides and
+    run's storage folder (or pick a new run_name) to do that on purpose.
+
+    With no ``latest`` (the driver, or the first worker group, died before Ray registered the
+    run's first checkpoint) ``run_uri`` is searched the same way: a complete checkpoint there is
+    resumed from (logged), otherwise the run starts at step 0 (None). Rank 0 decides and
     broadcasts, so all ranks load the same checkpoint even if the storage changes under them.
     """
+    if latest is None and not run_uri:
+        return None
     choice = [None]
     if _rank() == 0:
         try:
-            choice[0] = {"path": _newest_complete(latest)}
+            if latest is not None:
+                fs, run_dir = latest.filesystem, posixpath.dirname(latest.path.rstrip("/"))
+            else:
+                from pyarrow.fs import FileSystem
+
+                fs, run_dir = FileSystem.from_uri(run_uri)
+            choice[0] = {"path": _newest_complete(fs, run_dir, latest.path if latest is not None else None)}
         except Exception as exc:  # noqa: BLE001 - every rank raises it, instead of waiting in broadcast for rank 0
             choice[0] = {"error": str(exc)}
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
     if "error" in choice[0]:
         raise RuntimeError(choice[0]["error"])
-    if choice[0]["path"] == latest.path:
+    path = choice[0]["path"]
+    if latest is None:
+        from ray.train import Checkpoint
+
+        if path is None:
+            return None
+        from pyarrow.fs import FileSystem
+
+        return Checkpoint(path=path, filesystem=FileSystem.from_uri(run_uri)[0])
+    if path == latest.path:
         return latest
-    return type(latest)(path=choice[0]["path"], filesystem=latest.filesystem)
+    return type(latest)(path=path, filesystem=latest.filesystem)
 
 
-def _newest_complete(latest) -> str:
+def _newest_complete(fs, run_dir: str, latest_path: str | None) -> str | None:
     """Path of the checkpoint to resume from (see :func:`choose_resume_checkpoint`); rank 0 only."""
     from pyarrow.fs import FileSelector, FileType
+    from ray.train import Checkpoint
 
-    run_dir = posixpath.dirname(latest.path.rstrip("/"))
-    candidates = sorted((i.path for i in latest.filesystem.get_file_info(FileSelector(run_dir))
+    if latest_path is None and fs.get_file_info(run_dir).type != FileType.Directory:
+        return None  # a new run
+    candidates = sorted((i.path for i in fs.get_file_info(FileSelector(run_dir))
                          if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
-    if latest.path not in candidates:
-        candidates.append(latest.path)
+    if latest_path is not None and latest_path not in candidates:
+        candidates.append(latest_path)
     rejected = []
     for path in candidates:
-        with type(latest)(path=path, filesystem=latest.filesystem).as_directory() as d:
+        with Checkpoint(path=path, filesystem=fs).as_directory() as d:
             problem = verify_checkpoint(d)
             if problem is None:
-                if path != latest.path:
+                if latest_path is None:
+                    log.warning("resuming from %s (step %d): Ray has no registered checkpoint for this run (its driver or "
+                                "first worker group died before Ray's controller recorded one), but this one is complete",
+                                path, read_train_state(d).global_step)
+                elif path != latest_path:
                     log.warning("resuming from %s (step %d), not from Ray's latest registered checkpoint %s: %s", path,
-                                read_train_state(d).global_step, latest.path,
+                                read_train_state(d).global_step, latest_path,
                                 "; ".join(rejected) if rejected else "it is newer, complete but unregistered (the worker group "
                                 "died before Ray's controller recorded it)")
                 return path
         rejected.append(f"{path}: {problem}")
+    if latest_path is None:
+        if rejected:
+            log.warning("starting at step 0: no complete checkpoint in %s (%s)", run_dir, "; ".join(rejected))
+        return None
     raise RuntimeError("no complete checkpoint to resume from: " + "; ".join(rejected) +
                        f". Delete {run_dir} (or choose a new run_name) to start over from step 0")
 

@@ -89,9 +89,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- resume ----
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
+    # Ray's latest may be half-written or corrupt, or missing while a complete one is in the run's storage.
+    run_uri = cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name if cfg.checkpoint.storage_path else None
+    checkpoint = choose_resume_checkpoint(ray.train.get_checkpoint(), run_uri)
     if checkpoint:
-        checkpoint = choose_resume_checkpoint(checkpoint)  # Ray's latest may be half-written or corrupt
         with checkpoint.as_directory() as ckpt_dir:
             state = _load(ckpt_dir, engine, model, optimizer, scheduler, trainable_only)
         state.resumed_from_step = state.global_step

@@ -182,6 +182,12 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list | None = None, parent_r
 
     workers_cpu = cfg.distributed.num_workers * cfg.distributed.resources_per_worker.get("CPU", 1)
     ensure_ray(workers_cpu)
+    if tracking:
+        import ray
+
+        from lorafleet.tracking import warn_if_node_local
+
+        warn_if_node_local(tracking["tracking_uri"], sum(1 for n in ray.nodes() if n["Alive"]))
     trainer = build_trainer(cfg, tracking, callbacks)
     try:
         result = trainer.fit()

@@ -49,8 +49,10 @@ def derive_max_concurrent_trials(s: SweepSettings, ft: FinetuneConfig, cluster: 
 
 
 def prepare_trial_base(cfg: SweepConfig) -> FinetuneConfig:
-    """The fine-tune every trial starts from: absolute paths, and evaluation (= a Tune report)
-    every ``eval_every_n_steps`` so every result ASHA sees carries the metric."""
+    """The fine-tune every trial starts from: absolute paths, the MLflow store resolved here on the
+    driver (a trial on another node must not work out its own default on its own disk), and
+    evaluation (= a Tune report) every ``eval_every_n_steps`` so every result ASHA sees carries the metric."""
+    from lorafleet.tracking import pinned_tracking
     from lorafleet.train.trainer import resolve_local_paths
 
     s = cfg.sweep
@@ -60,7 +62,7 @@ def prepare_trial_base(cfg: SweepConfig) -> FinetuneConfig:
     return ft.model_copy(update={
         "training": ft.training.model_copy(update={"eval_steps": every, "logging_steps": every}),
         "checkpoint": ft.checkpoint.model_copy(update={"every_n_steps": ckpt_every}),
-        "tracking": ft.tracking.model_copy(update={"wandb_group": ft.tracking.wandb_group or s.name}),
+        "tracking": ft.tracking.model_copy(update={"wandb_group": ft.tracking.wandb_group or s.name, **pinned_tracking(ft.tracking)}),
         "output_dir": str(Path(ft.resolved_output_dir()).parent / s.name) if not cfg.finetune.output_dir else ft.output_dir,
     })
 
