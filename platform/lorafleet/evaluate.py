@@ -117,7 +117,7 @@ def evaluate_adapter(base: str, adapter: str | None, task: str, data: str, limit
     examples = load_eval_examples(spec, data, columns=columns or None, limit=limit, tokenizer=tok)
     raw = generate_with_progress(model, tok, [e.prompt for e in examples], spec.max_new_tokens, batch_size,
                                  desc=f"eval {spec.name}")
-    preds = [clean_prediction(spec.kind, text) for text in raw]
+    preds = [clean_prediction(spec, text) for text in raw]
     metrics = compute_metrics(spec, preds, [e.reference for e in examples]) if examples else {}
     if predictions:
         Path(predictions).parent.mkdir(parents=True, exist_ok=True)

@@ -108,3 +108,41 @@ def test_chat_messages_with_and_without_chat_template(chat_tokenizer):
     # No chat template: the plain guanaco-style layout.
     assert spec.format_prompt(row) == "### System: Be brief.\n### Human: Hi\n### Assistant: Hello.\n### Human: 2+2?\n### Assistant:"
     assert spec.format_completion(row) == " 4"
+
+
+def test_a_new_kind_is_one_class_and_runs_through_loading_and_metrics(tmp_path):
+    """Tasks are types: a subclass registered for its kind is read, formatted and scored with no other change."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from lorafleet.data import TaskSpec, compute_metrics, load_eval_examples, register_kind, tokenize_examples
+    from lorafleet.data.tasks import KINDS
+
+    @register_kind
+    @dataclass(frozen=True)
+    class Reverse(TaskSpec):
+        kind: ClassVar[str] = "reverse_test"
+
+        def format_completion(self, row, tokenizer=None):
+            return " " + self.text(row, "word")[::-1]
+
+        @classmethod
+        def normalize(cls, text):
+            return (text or "").strip().lower()
+
+    try:
+        spec = Reverse(name="reverse", description="Reverse a word.", hub_name=None, hub_config=None,
+                       fields=("word",), default_columns={}, metrics=("exact_match",), max_new_tokens=8,
+                       template="Word: {word}\nReversed:")
+        path = tmp_path / "words.jsonl"
+        path.write_text('{"word": "card"}\n{"word": " "}\n{"word": "top"}\n', encoding="utf-8")
+        examples = load_eval_examples(spec, str(path))
+        assert [(e.prompt, e.completion, e.reference) for e in examples] == [
+            ("Word: card\nReversed:", " drac", "drac"), ("Word: top\nReversed:", " pot", "pot")]
+        assert compute_metrics(spec, ["DRAC", "top"], ["drac", "pot"]) == {"exact_match": 0.5}
+        with pytest.raises(ValueError, match="packing is only for kind raw_text"):
+            tokenize_examples(examples, None, 64, spec, packing=True)
+        with pytest.raises(ValueError, match="already registered"):
+            register_kind(Reverse)
+    finally:
+        KINDS.pop("reverse_test", None)

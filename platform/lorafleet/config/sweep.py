@@ -133,9 +133,9 @@ class SweepConfig(StrictModel):
         errors = []
         metric = self.sweep.metric
         if metric not in ("eval_loss", "eval_perplexity"):
-            from lorafleet.data import get_task
+            from lorafleet.data.tasks import resolve_task
 
-            allowed = [f"eval_{m}" for m in get_task(self.finetune.data.task).metrics]
+            allowed = [f"eval_{m}" for m in resolve_task(self.finetune.data).metrics]
             if metric not in allowed:
                 errors.append(f"sweep.metric {metric!r} is never reported for task {self.finetune.data.task!r}; "
                               f"use one of {['eval_loss', 'eval_perplexity', *allowed]}")

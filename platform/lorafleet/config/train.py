@@ -64,8 +64,69 @@ class QuantizationConfig(StrictModel):
     bnb_4bit_quant_storage: Union[DType, Literal["uint8"]] = Field("auto", description="Storage dtype of packed weights. With FSDP it must equal the compute dtype (so FSDP can flatten them with the rest); `auto` does that.")
 
 
+# The metrics lorafleet computes on generated answers (lorafleet.data.metrics.METRICS), and accepted spellings.
+METRIC_NAMES: tuple[str, ...] = ("accuracy", "macro_f1", "exact_match", "rouge_l")
+METRIC_ALIASES: dict[str, str] = {"rougeL": "rouge_l", "rouge-l": "rouge_l", "rougel": "rouge_l", "f1_macro": "macro_f1",
+                                  "em": "exact_match"}
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class CustomTaskConfig(StrictModel):
+    """A task defined in the YAML, without code: a prompt template over the file's columns and the column
+    to generate (free text) or to classify (a label)."""
+
+    name: str = Field("custom", description="Name of the task in results, tags and predictions.")
+    prompt_template: str = Field(description="Python str.format template of the prompt over the data's columns, e.g. `\"Query: {text}\\nIntent:\"` (a column named in braces; `{{`/`}}` for literal braces).")
+    completion_column: Optional[str] = Field(None, description="Column whose text the model learns to generate (summaries, answers...). Give this or label_column.")
+    label_column: Optional[str] = Field(None, description="Column holding a class label (trained as its words, `card_arrival` -> `card arrival`). Give this or completion_column.")
+    labels: Optional[list[str]] = Field(None, description="Closed label set (with label_column); rows with other labels are skipped and counted. Default: the labels seen in training.")
+    metric: Union[str, list[str], None] = Field(None, description="Metric(s) computed on generated answers: accuracy, macro_f1, exact_match, rouge_l (alias rougeL). Default: accuracy and macro_f1 with label_column, rouge_l with completion_column.")
+    max_new_tokens: Optional[int] = Field(None, ge=1, le=4096, description="Generation budget for evaluation. Default: 16 with label_column, 128 with completion_column.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        import string
+
+        errors = []
+        if not _TASK_NAME.match(self.name):
+            errors.append(f"custom_task.name {self.name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        try:
+            names = [n for _, n, _, _ in string.Formatter().parse(self.prompt_template) if n is not None]
+        except ValueError as exc:
+            names = None
+            errors.append(f"custom_task.prompt_template is not a valid template ({exc}); name columns as {{column}} "
+                          "and write literal braces as {{ and }}")
+        if names is not None:
+            bad = [n for n in names if not n.isidentifier()]
+            if bad or not names:
+                errors.append(f"custom_task.prompt_template must name the data's columns in braces, like {{text}} "
+                              f"(got {', '.join(repr(n) for n in bad) or 'no column'})")
+        if (self.completion_column is None) == (self.label_column is None):
+            errors.append("custom_task needs exactly one of completion_column (generate text) or label_column "
+                          "(classify); got " + ("both" if self.completion_column else "neither"))
+        if self.labels is not None and self.label_column is None:
+            errors.append("custom_task.labels (a closed label set) needs custom_task.label_column")
+        if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
+            errors.append(f"custom_task.labels must be a non-empty list of distinct labels, got {self.labels}")
+        unknown = [m for m in self.metric_names() if m not in METRIC_NAMES]
+        if unknown:
+            errors.append(f"custom_task.metric names {', '.join(repr(m) for m in unknown)}, which lorafleet does not "
+                          f"compute; choose from {', '.join(METRIC_NAMES)} (rougeL is rouge_l)")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics, aliases resolved (default by task type)."""
+        if self.metric is None:
+            return ("accuracy", "macro_f1") if self.label_column else ("rouge_l",)
+        names = [self.metric] if isinstance(self.metric, str) else list(self.metric)
+        return tuple(dict.fromkeys(METRIC_ALIASES.get(n, n) for n in names))
+
+
 class DataConfig(StrictModel):
-    task: str = Field(description="Task from the catalogue (`lorafleet tasks` lists them): classification, banking77, commonsense_qa, dialogsum, chat, raw_text, ...")
+    task: Optional[str] = Field(None, description="Task from the catalogue (`lorafleet tasks` lists them): classification, banking77, commonsense_qa, dialogsum, chat, raw_text, ... Required unless custom_task is given (then it is custom_task.name).")
+    custom_task: Optional[CustomTaskConfig] = Field(None, description="A task defined here instead of in the catalogue: prompt template, completion or label column, labels, metric.")
     path: Optional[str] = Field(None, description="Local CSV/JSONL/JSON/Parquet/TXT file or folder. When unset the task's hub dataset is used.")
     hub_name: Optional[str] = Field(None, description="Override the task's hub dataset name.")
     hub_config: Optional[str] = Field(None, description="Hub dataset config name.")
@@ -79,6 +140,28 @@ class DataConfig(StrictModel):
     columns: dict[str, str] = Field(default_factory=dict, description="Rename map {task_field: column_in_file}, e.g. {text: utterance, label: intent}.")
     labels: Optional[list[str]] = Field(None, description="Closed label set for classification tasks. Rows with other labels are skipped and counted. Default: labels seen in training data (or the task's own list).")
     on_bad_row: Literal["skip", "error"] = Field("skip", description="Rows with missing/empty fields or unknown labels: `skip` (logged and counted) or `error`.")
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion", "guanaco"] = Field("auto", description="Conversation format of task `chat` data: `openai` (`messages` of role/content, optional per-message `weight: 0`), `sharegpt` (`conversations` of from/value), `alpaca` (instruction/input/output), `prompt_completion`, `guanaco` (`### Human: ... ### Assistant: ...` text). `auto` tells them apart per file by its columns. All are rendered with the base's chat template where it has one.")
+    loss_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field("all_assistant_turns", description="Task `chat`: which assistant turns of a conversation carry loss (assistant messages with `weight: 0` never do). Over-long conversations keep their first whole turns.")
+
+    @model_validator(mode="after")
+    def _task_and_format(self):
+        errors = []
+        if self.custom_task is not None:
+            if self.task is not None and self.task != self.custom_task.name:
+                errors.append(f"data.task ({self.task!r}) and data.custom_task (named {self.custom_task.name!r}) both name "
+                              "the task; remove data.task, or set custom_task.name to it")
+            if self.labels is not None:
+                errors.append(f"data.labels ({self.labels}) with data.custom_task: give the closed label set as custom_task.labels")
+            self.__dict__["task"] = self.custom_task.name  # the run's task is the custom one
+        elif self.task is None:
+            errors.append("data.task is required: a task of the catalogue (`lorafleet tasks` lists them), "
+                          "or define one with data.custom_task")
+        if self.format != "auto" and self.task != "chat":
+            errors.append(f"data.format ({self.format}) reads conversations for task chat, but data.task is "
+                          f"{self.task!r}; set data.task: chat, or leave data.format at auto")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
 
 class TrainingConfig(StrictModel):

@@ -17,9 +17,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from lorafleet.data.loading import Example
 from lorafleet.data.metrics import compute_metrics
-from lorafleet.data.tasks import TaskSpec, get_task
+from lorafleet.data.rows import Example
+from lorafleet.data.tasks import TaskSpec, get_task, task_kind
 from lorafleet.data.tokenize import encode_prompts
 
 
@@ -103,13 +103,10 @@ def generate_completions(model: Any, tokenizer: Any, prompts: list[str], max_new
     return outputs
 
 
-def clean_prediction(kind: str, text: str) -> str:
-    """A generated answer as stored in predictions: the first line for classification and mcqa
-    (the answer is one line), otherwise the stripped text."""
-    text = text.strip()
-    if kind in ("classification", "mcqa"):
-        return text.split("\n", 1)[0].strip()
-    return text
+def clean_prediction(kind: Any, text: str) -> str:
+    """A generated answer as stored in predictions (``kind``: a kind name or a task): the first line for
+    classification and mcqa (the answer is one line), otherwise the stripped text."""
+    return task_kind(kind).clean_prediction(text)
 
 
 def evaluate_generation(model: Any, tokenizer: Any, task: Union[TaskSpec, str], examples: list[Example],
@@ -122,7 +119,7 @@ def evaluate_generation(model: Any, tokenizer: Any, task: Union[TaskSpec, str], 
     raw = generate_completions(model, tokenizer, [e.prompt for e in examples],
                                max_new_tokens if max_new_tokens is not None else spec.max_new_tokens,
                                batch_size=batch_size, synced_gpus=synced_gpus)
-    predictions = [clean_prediction(spec.kind, text) for text in raw]
+    predictions = [clean_prediction(spec, text) for text in raw]
     records = [{"input": e.input, "prediction": p, "reference": e.reference, "prompt": e.prompt}
                for e, p in zip(examples, predictions)]
     metrics = compute_metrics(spec, predictions, [e.reference for e in examples]) if examples else {}

@@ -26,22 +26,13 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lorafleet.config.train import DataConfig
-from lorafleet.data.tasks import CHOICE_LETTERS, BadRow, TaskSpec, get_task
+from lorafleet.data.rows import BadRow, Example
+from lorafleet.data.tasks import ReadContext, TaskSpec, get_task, resolve_task
 
 logger = logging.getLogger(__name__)
 
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
                 ".parquet": "parquet", ".txt": "text"}
-
-
-@dataclass
-class Example:
-    """One prompt/completion pair plus what a predictions file and a metric need."""
-
-    prompt: str
-    completion: str
-    input: str
-    reference: str
 
 
 @dataclass
@@ -131,27 +122,28 @@ def _load_hub(name: str, config: Optional[str], split: str) -> tuple[list[dict],
 
 
 # -- rows to examples ------------------------------------------------------------------
-def _resolve_columns(task: TaskSpec, found: list[str], columns: dict[str, str], source: str) -> dict[str, str]:
-    """Map each logical field of ``task`` to a column of the file: data.columns, the field's own name,
-    then the task's default column."""
-    unknown = sorted(set(columns) - set(task.fields))
+def _resolve_columns(task: TaskSpec, found: list[str], columns: dict[str, str], source: str,
+                     fmt: str = "auto") -> dict[str, str]:
+    """Map each logical field of ``task`` (for a chat task: of its format ``fmt``) to a column of the file:
+    data.columns, the field's own name, then the task's default column. Optional fields map when present."""
+    fields, optional, defaults, reader = task.column_fields(found, columns, fmt)
+    unknown = sorted(set(columns) - set(fields) - set(optional))
     if unknown:
-        raise ValueError(f"data.columns names {unknown}, which task {task.name!r} does not read; "
-                         f"its fields are {list(task.fields)} (map each as data.columns.<field>=<column in the file>)")
-    resolved, missing = {}, []
-    for name in task.fields:
-        candidates = [columns[name]] if name in columns else [name, task.default_columns.get(name)]
+        raise ValueError(f"data.columns names {unknown}, which {reader} does not read; "
+                         f"its fields are {list(fields) + list(optional)} (map each as data.columns.<field>=<column in the file>)")
+    resolved = {name: columns.get(name, name) for name in optional if columns.get(name, name) in found}
+    missing = []
+    for name in fields:
+        candidates = [columns[name]] if name in columns else [name, defaults.get(name)]
         column = next((c for c in candidates if c and c in found), None)
         if column is not None:
             resolved[name] = column
-        elif task.kind == "mcqa" and name == "choices" and all(c in found for c in CHOICE_LETTERS[:2]):
-            continue  # flat columns A..E hold the choices
-        else:
+        elif not task.field_optional(name, found):
             missing.append((name, [c for c in candidates if c]))
     if missing:
         wanted = "; ".join(f"field {n!r} (looked for column {' or '.join(repr(c) for c in cs)})" for n, cs in missing)
         example = " ".join(f"--set data.columns.{n}=<column>" for n, _ in missing)
-        raise ValueError(f"task {task.name!r}: {source} lacks {wanted}. Columns found: {found}. "
+        raise ValueError(f"{reader}: {source} lacks {wanted}. Columns found: {found}. "
                          f"Map them with data.columns (e.g. {example}).")
     return resolved
 
@@ -176,43 +168,29 @@ class _Skips:
 
 
 def _to_examples(task: TaskSpec, rows: list[dict], source: str, columns: dict[str, str], closed: Optional[set[str]],
-                 class_names: dict[str, list[str]], skips: _Skips, tokenizer: Any = None) -> list[Example]:
+                 class_names: dict[str, list[str]], skips: _Skips, tokenizer: Any = None, fmt: str = "auto",
+                 loss_on: str = "all_assistant_turns") -> list[Example]:
     found = list(dict.fromkeys(k for row in rows for k in row))
-    resolved = _resolve_columns(task, found, columns, source)
+    fmt = task.resolve_format(found, columns, fmt)  # a chat format is told per file
+    resolved = _resolve_columns(task, found, columns, source, fmt)
     label_col = resolved.get("label")
-    index_names = class_names.get(label_col) if label_col else None
+    ctx = ReadContext(fmt=fmt, loss_on=loss_on, closed=closed,
+                      index_names=class_names.get(label_col) if label_col else None)
     examples = []
     for i, raw in enumerate(rows):
         row = dict(raw)
         row.update({name: raw.get(col) for name, col in resolved.items()})
         try:
-            if task.kind == "classification":
-                value = row.get("label")
-                if index_names and isinstance(value, int) and not isinstance(value, bool):
-                    if not 0 <= value < len(index_names):
-                        raise BadRow("unknown_label", f"label index {value} is outside 0..{len(index_names) - 1}")
-                    row["label"] = index_names[value]
-                label = task.label(row)
-                if closed is not None and label not in closed:
-                    raise BadRow("unknown_label", f"label {label!r} is not in the label set (data.labels or the task's own)")
-            examples.append(Example(*task.format_example(row, tokenizer)))
+            examples.append(task.make_example(row, tokenizer, ctx))
         except BadRow as bad:
             skips.add(bad.reason, str(bad), f"row {i + 1} of {source}")
     skips.log(source)
     return examples
 
 
-def _closed_labels(task: TaskSpec, labels: Optional[list[str]]) -> Optional[set[str]]:
-    if task.kind != "classification":
-        return None
-    if labels is not None:
-        return {str(label).strip() for label in labels}
-    return set(task.labels) if task.labels else None
-
-
 def _fingerprint(task: TaskSpec, labels: Optional[list[str]], train: list[Example], validation: list[Example]) -> str:
     def rows(examples):
-        return [[e.prompt, e.completion, e.input, e.reference] for e in examples]
+        return [[e.prompt, e.completion, e.input, e.reference] + ([e.segments] if e.segments else []) for e in examples]
 
     blob = json.dumps({"task": task.name, "labels": labels, "train": rows(train), "validation": rows(validation)},
                       ensure_ascii=False, separators=(",", ":"))
@@ -240,18 +218,18 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
     ``cfg.validation_fraction`` of the rows. ``tokenizer`` is only needed to render ``chat`` messages
     with its chat template; without it a plain ``### Human: / ### Assistant:`` layout is used.
     """
-    task = get_task(cfg.task)
-    if cfg.labels is not None and task.kind != "classification":
+    task = resolve_task(cfg)
+    if cfg.labels is not None and not task.takes_labels:
         raise ValueError(f"data.labels ({cfg.labels}) is a closed label set for classification tasks, but task "
                          f"{task.name!r} is {task.kind}; remove data.labels")
     if cfg.path and cfg.validation_split:
         raise ValueError(f"data.validation_split ({cfg.validation_split!r}) selects a hub split, but data.path "
                          f"({cfg.path!r}) is a local source; give the validation file as data.validation_path")
-    closed = _closed_labels(task, cfg.labels)
+    closed = task.closed_labels(cfg.labels)
     skips = _Skips(cfg.on_bad_row)
     rows, names, source = _read_source(cfg, task, cfg.path, cfg.split)
     stats = {"rows_read": len(rows)}
-    examples = _to_examples(task, rows, source, cfg.columns, closed, names, skips, tokenizer)
+    examples = _to_examples(task, rows, source, cfg.columns, closed, names, skips, tokenizer, cfg.format, cfg.loss_on)
     if not examples:
         raise ValueError(f"{source}: every one of its {len(rows)} row(s) was skipped ({dict(skips.counts)}); "
                          "check the data file, data.columns and data.labels (the log names the first bad row per reason)")
@@ -260,7 +238,8 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
     if separate:
         vrows, vnames, vsource = _read_source(cfg, task, cfg.validation_path, cfg.validation_split or "")
         stats["rows_read"] += len(vrows)
-        validation = _to_examples(task, vrows, vsource, cfg.columns, closed, vnames, skips, tokenizer)
+        validation = _to_examples(task, vrows, vsource, cfg.columns, closed, vnames, skips, tokenizer, cfg.format,
+                                  cfg.loss_on)
         train = examples
     else:
         if len(examples) < 2:
@@ -282,9 +261,7 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
         stats["dropped_max_train_samples"] = len(train) - len(keep)
         train = [train[i] for i in keep]
 
-    labels = None
-    if task.kind == "classification":
-        labels = sorted(closed) if closed is not None else sorted({e.reference for e in train})
+    labels = task.label_names(closed, train)
     stats.update({"rows_used": len(train) + len(validation), "train_examples": len(train),
                   "validation_examples": len(validation)})
     stats.update({f"skipped_{reason}": n for reason, n in sorted(skips.counts.items())})
@@ -294,17 +271,17 @@ def load_task_data(cfg: DataConfig, tokenizer: Any = None) -> TaskData:
 
 def load_eval_examples(task: Union[TaskSpec, str], path: str, columns: Optional[dict[str, str]] = None,
                        limit: Optional[int] = None, labels: Optional[list[str]] = None, tokenizer: Any = None,
-                       on_bad_row: str = "skip") -> list[Example]:
+                       on_bad_row: str = "skip", fmt: str = "auto") -> list[Example]:
     """Every usable row of ``path`` as an example, in file order, formatted and validated as in
-    :func:`load_task_data` (no split). ``limit`` keeps the first N examples."""
+    :func:`load_task_data` (no split). ``limit`` keeps the first N examples; ``fmt``: a chat task's data.format."""
     spec = get_task(task) if isinstance(task, str) else task
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for every row), got {limit}")
     rows = read_rows(path)
-    examples = _to_examples(spec, rows, str(path), dict(columns or {}), _closed_labels(spec, labels), {},
-                            _Skips(on_bad_row), tokenizer)
+    examples = _to_examples(spec, rows, str(path), dict(columns or {}), spec.closed_labels(labels), {},
+                            _Skips(on_bad_row), tokenizer, fmt)
     if not examples:
         raise ValueError(f"{path}: none of its {len(rows)} row(s) is a usable {spec.name!r} example")
     return examples[:limit] if limit is not None else examples

@@ -1,6 +1,7 @@
-"""Task metrics on generated text: accuracy and macro-F1 (classification), exact match (multiple
-choice), ROUGE-L (summarisation). Chat and raw text have none here: their loss and perplexity
-come from the training loop.
+"""Task metrics on generated text, by name: ``accuracy`` and ``macro_f1`` (classification),
+``exact_match`` (multiple choice), ``rouge_l`` (summarisation). Each task names its metrics and
+normalises answers before they are scored (its ``normalize``); chat and raw text have none here:
+their loss and perplexity come from the training loop.
 
 Example::
 
@@ -11,30 +12,15 @@ Example::
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Callable
 
-from lorafleet.data.tasks import TaskSpec
-
-_LETTER_WORD = re.compile(r"\b([A-E])\b")
-_ANY_LETTER = re.compile(r"([A-E])")
+if TYPE_CHECKING:
+    from lorafleet.data.tasks import TaskSpec
 
 
-def normalize_answer(kind: str, text: str) -> str:
-    """What a generated answer is compared as: the first line, stripped; for ``mcqa`` the first
-    letter A-E found (a standalone letter first, so "Answer: D" gives "D"); for
-    ``classification`` lowercase with ``_`` read as a space. Summaries, chat and raw text are only stripped."""
-    text = (text or "").strip()
-    if kind in ("summarization", "chat", "raw_text"):
-        return text
-    first = text.split("\n", 1)[0].strip()
-    if kind == "mcqa":
-        match = _LETTER_WORD.search(first) or _ANY_LETTER.search(first)
-        return match.group(1) if match else ""
-    if kind == "classification":
-        # `card_arrival`, `Card arrival` and `card  arrival` are the same label (see verbalize_label).
-        return " ".join(first.lower().replace("_", " ").split())
-    return first
+def _accuracy(predictions: list[str], references: list[str]) -> float:
+    return float(sum(p == r for p, r in zip(predictions, references)) / len(references))
 
 
 def _macro_f1(predictions: list[str], references: list[str]) -> float:
@@ -47,7 +33,7 @@ def _macro_f1(predictions: list[str], references: list[str]) -> float:
         fp = sum(1 for p, r in zip(predictions, references) if p == label and r != label)
         fn = sum(1 for p, r in zip(predictions, references) if p != label and r == label)
         scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores)
+    return float(sum(scores) / len(scores))
 
 
 @lru_cache(maxsize=1)
@@ -57,22 +43,35 @@ def _rouge_scorer():
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
-def compute_metrics(task: TaskSpec, predictions: list[str], references: list[str]) -> dict[str, float]:
+def _rouge_l(predictions: list[str], references: list[str]) -> float:
+    scorer = _rouge_scorer()
+    scores = [scorer.score(ref, pred or "")["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return float(sum(scores) / len(scores))
+
+
+# name -> f(normalised predictions, normalised references); the names a task (or data.custom_task) may use.
+METRICS: dict[str, Callable[[list[str], list[str]], float]] = {
+    "accuracy": _accuracy, "macro_f1": _macro_f1, "exact_match": _accuracy, "rouge_l": _rouge_l,
+}
+METRIC_ALIASES = {"rougeL": "rouge_l", "rouge-l": "rouge_l", "f1_macro": "macro_f1", "em": "exact_match"}
+
+
+def score(name: str, predictions: list[str], references: list[str]) -> float:
+    """Metric ``name`` of (already normalised) predictions against references."""
+    return METRICS[name](predictions, references)
+
+
+def normalize_answer(kind: Any, text: str) -> str:
+    """What a generated answer of task kind ``kind`` (a name or a task) is compared as: its task type's
+    ``normalize`` (classification: first line, lowercase, ``_`` as space; mcqa: the letter; others: stripped)."""
+    from lorafleet.data.tasks import task_kind
+
+    return task_kind(kind).normalize(text)
+
+
+def compute_metrics(task: "TaskSpec", predictions: list[str], references: list[str]) -> dict[str, float]:
     """The task's metrics (``task.metrics`` names) of ``predictions`` against ``references``."""
     if len(predictions) != len(references):
         raise ValueError(f"got {len(predictions)} predictions but {len(references)} references; "
                          "give exactly one prediction per reference, in the same order")
-    if task.kind in ("chat", "raw_text"):
-        return {}
-    if not references:
-        raise ValueError(f"no predictions to score for task {task.name!r}; the evaluation set is empty")
-    if task.kind == "summarization":
-        scorer = _rouge_scorer()
-        scores = [scorer.score(ref, pred or "")["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
-        return {"rouge_l": float(sum(scores) / len(scores))}
-    preds = [normalize_answer(task.kind, p) for p in predictions]
-    refs = [normalize_answer(task.kind, r) for r in references]
-    accuracy = float(sum(p == r for p, r in zip(preds, refs)) / len(refs))
-    if task.kind == "mcqa":
-        return {"exact_match": accuracy}
-    return {"accuracy": accuracy, "macro_f1": float(_macro_f1(preds, refs))}
+    return task.compute_metrics(predictions, references)

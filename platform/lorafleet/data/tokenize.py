@@ -4,6 +4,8 @@ A feature is ``{"input_ids": [...], "labels": [...]}`` for the sequence
 ``bos + prompt + completion + eos``. Prompt and completion are tokenised separately and the
 ids concatenated, so the boundary is exact; labels are ``-100`` on bos and the prompt (loss
 on the completion and eos only), except for ``raw_text`` where ``labels == input_ids``.
+A conversation (``Example.segments``) is tokenised piece by piece the same way: labels on
+the trained assistant turns (and the eos after the last one), ``-100`` on everything else.
 
 Example::
 
@@ -14,11 +16,11 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from lorafleet.data.tasks import TASK_KINDS
+from lorafleet.data.tasks import KINDS, task_kind
 
 logger = logging.getLogger(__name__)
 
@@ -78,29 +80,50 @@ def _eos_id(tokenizer: Any) -> int:
     return eos
 
 
-def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind: str,
+def _pieces_feature(tokenizer: Any, encoded: list[tuple[list[int], bool]], eos: int,
+                    max_seq_length: int) -> tuple[Optional[dict[str, list[int]]], bool]:
+    """bos + the pieces (labels on the trained ones) + eos after the last reply (unless it ends with one).
+    Too long: cut after the last trained piece that fits with its eos (a conversation keeps its first
+    whole turns; a single reply is never cut). Returns (feature or None when not even the first fits, cut)."""
+    input_ids, labels, best = [], [], None
+    for k, (ids, trained) in enumerate(encoded):
+        if k == 0:
+            ids = _with_bos(tokenizer, ids)
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        if not trained:
+            continue
+        end = [] if input_ids and input_ids[-1] == eos else [eos]
+        if len(input_ids) + len(end) > max_seq_length:
+            return best, True
+        best = {"input_ids": input_ids + end, "labels": labels + end}
+    return best, False
+
+
+def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind: Any,
                       packing: bool = False) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
     """Turn examples into features and report what happened.
 
     Examples longer than ``max_seq_length`` are skipped (``stats["skipped_too_long"]``): a
-    truncated completion would teach a wrong answer. ``raw_text`` lines are truncated instead
+    truncated completion would teach a wrong answer. A conversation that does not fit keeps its
+    first whole trained turns (``stats["truncated_conversations"]``), or is skipped if none fits. ``raw_text`` lines are truncated instead
     (``stats["truncated"]``), or, with ``packing``, all texts (each followed by eos) are
     concatenated and cut into blocks of ``max_seq_length`` (the last partial block dropped).
-    Stats also give ``examples``, ``features``, ``tokens`` (in the features) and ``target_tokens``
-    (those with a label).
+    ``kind``: the task (or its kind's name). Stats also give ``examples``, ``features``, ``tokens``
+    (in the features) and ``target_tokens`` (those with a label).
     """
-    if kind not in TASK_KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; expected one of {', '.join(TASK_KINDS)}")
-    if packing and kind != "raw_text":
-        raise ValueError(f"packing is only for kind raw_text (got {kind!r}): it would mix prompts and completions "
-                         "of different examples; set training.packing: false")
+    whole_text = task_kind(kind).trains_whole_text
+    if packing and not whole_text:
+        packable = ", ".join(name for name, cls in KINDS.items() if cls.trains_whole_text)
+        raise ValueError(f"packing is only for kind {packable} (got {task_kind(kind).kind!r}): it would mix prompts and "
+                         "completions of different examples; set training.packing: false")
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
     eos = _eos_id(tokenizer)
     stats = {"examples": len(examples), "skipped_too_long": 0, "truncated": 0}
     features: list[dict[str, list[int]]] = []
 
-    if kind == "raw_text":
+    if whole_text:
         texts = [e.prompt + e.completion for e in examples]
         encoded = _encode_with_progress(tokenizer, [texts])[0]
         if packing:
@@ -118,15 +141,20 @@ def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind:
                     stats["truncated"] += 1
                 features.append({"input_ids": ids, "labels": list(ids)})
     else:
-        prompt_ids, completion_ids = _encode_with_progress(tokenizer, [[e.prompt for e in examples],
-                                                                        [e.completion for e in examples]])
-        prompt_ids = [_with_bos(tokenizer, ids) for ids in prompt_ids]
-        for p_ids, c_ids in zip(prompt_ids, completion_ids):
-            c_ids = c_ids + [eos]
-            if len(p_ids) + len(c_ids) > max_seq_length:
+        # Every example as pieces of text, each trained or not: a conversation's segments, else prompt + completion.
+        pieces = [e.segments if getattr(e, "segments", None) else ((e.prompt, False), (e.completion, True)) for e in examples]
+        flat = _encode_with_progress(tokenizer, [[text for parts in pieces for text, _ in parts]])[0]
+        at = 0
+        for parts in pieces:
+            encoded = [(ids, trained) for ids, (_, trained) in zip(flat[at:at + len(parts)], parts)]
+            at += len(parts)
+            feature, cut = _pieces_feature(tokenizer, encoded, eos, max_seq_length)
+            if feature is None:
                 stats["skipped_too_long"] += 1
                 continue
-            features.append({"input_ids": p_ids + c_ids, "labels": [IGNORE_INDEX] * len(p_ids) + c_ids})
+            if cut:
+                stats["truncated_conversations"] = stats.get("truncated_conversations", 0) + 1
+            features.append(feature)
 
     stats["features"] = len(features)
     stats["tokens"] = sum(len(f["input_ids"]) for f in features)

@@ -51,9 +51,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- data (every rank builds the same deterministic split; each reads its shard) ----
     tokenizer = load_tokenizer(cfg.model)
     data = load_task_data(cfg.data, tokenizer=tokenizer)
-    kind = data.task.kind
-    train_feats, train_stats = tokenize_examples(data.train, tokenizer, t.max_seq_length, kind, t.packing)
-    val_feats, _ = tokenize_examples(data.validation, tokenizer, t.max_seq_length, kind, False)
+    train_feats, train_stats = tokenize_examples(data.train, tokenizer, t.max_seq_length, data.task, t.packing)
+    val_feats, _ = tokenize_examples(data.validation, tokenizer, t.max_seq_length, data.task, False)
     if not train_feats:
         raise ValueError(f"no training example fits training.max_seq_length={t.max_seq_length} ({train_stats}); raise it")
     pad_id = tokenizer.pad_token_id
@@ -458,7 +457,7 @@ class _Evaluator:
         if tokens:
             metrics["eval_loss"] = loss_sum / tokens
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-        if generation and self.data.task.kind not in ("chat", "raw_text") and self.gen_examples:
+        if generation and self.data.task.generation_metrics and self.gen_examples:
             metrics.update(self._generation_metrics(model, engine))
         return metrics
 
@@ -479,6 +478,6 @@ class _Evaluator:
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, outputs)
             outputs = [o for part in gathered for o in part]
-        outputs = [clean_prediction(self.data.task.kind, o) for o in outputs]
+        outputs = [clean_prediction(self.data.task, o) for o in outputs]
         scores = compute_metrics(self.data.task, outputs, [e.reference for e in ex])
         return {f"eval_{k}": v for k, v in scores.items()}
