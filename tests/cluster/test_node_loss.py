@@ -451,8 +451,8 @@ def _serving_scenario(two_nodes: TwoNodes, assets: dict, url: str) -> None:
                     load=f"{CLIENTS} clients of 2 tenants, each on its own adapter, 20 s after the kill",
                     faults="worker node's raylet and processes (its engine replica and Serve proxy) killed under load; node added back",
                     lost=(f"{len(failed)} requests (errors within {max(r[1] for r in failed) - began:.1f} s, not hangs): "
-                          f"{len(failed) - len(sent_after_kill_failed)} in flight at the kill, {len(sent_after_kill_failed)} sent to the "
-                          f"lost replica up to {unaware_s:.1f} s after it, before Serve saw it gone" if failed
+                          f"{len(failed) - len(sent_after_kill_failed)} in flight at the kill, {len(sent_after_kill_failed)} sent up to "
+                          f"{unaware_s:.1f} s after it (to the lost node's replica or proxy, before the loss was seen)" if failed
                           else f"nothing: none of the {len(in_flight)} requests in flight at the kill failed"),
                     outcome=f"{len(results)} requests, answers per replica before the kill {sorted(before.values())}, "
                             f"{served_after} answered by the head's replica after it; replacement ready {replacement_s:.0f} s after "
