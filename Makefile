@@ -71,12 +71,13 @@ bench: install
 	$(PY) benchmarks/summary.py
 
 # Reliability and security suite (not part of `make test`: ~25 min): training faults, serving soak /
-# overload / replica kill / disconnects, fuzzing, hostile adapters and requests, isolation, secrets.
+# overload / replica kill / disconnects, a Ray node lost (two-node cluster, training and serving), fuzzing, hostile adapters and requests, isolation, secrets.
 # Each scenario records a row; tests/reliability_report.py turns them into docs/reliability.md.
 RELIABILITY_WORK := lorafleet-work/reliability
 RELIABILITY_TESTS := tests/serve/test_reliability.py tests/serve/test_tenants.py tests/serve/test_tenant_sources.py tests/serve/test_validation.py \
 	tests/train/test_fault_tolerance.py tests/tune/test_sweep.py tests/config tests/serve/test_serve_config.py \
-	tests/train/test_checkpoint_fallback.py tests/tracking/test_training_tracking_outage.py tests/cluster/test_security.py
+	tests/train/test_checkpoint_fallback.py tests/tracking/test_training_tracking_outage.py tests/cluster/test_security.py \
+	tests/cluster/test_node_loss.py
 reliability: install
 	rm -rf $(RELIABILITY_WORK) && mkdir -p $(RELIABILITY_WORK)
 	LORAFLEET_RELIABILITY=1 LORAFLEET_RELIABILITY_LOG=$(CURDIR)/$(RELIABILITY_WORK)/scenarios.jsonl \

@@ -209,7 +209,7 @@ class DistributedConfig(StrictModel):
     fsdp_reshard_after_forward: bool = Field(True, description="FSDP2: free gathered params after forward (ZeRO-3 like) vs keep them (ZeRO-2 like).")
     fsdp_cpu_offload: bool = Field(False, description="FSDP2: keep sharded params on CPU (GPU only).")
     deepspeed: Optional[DeepSpeedConfig] = Field(None, description="DeepSpeed settings, required when strategy is deepspeed.")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement group strategy for the workers.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement group strategy for the workers: PACK fills one node first; SPREAD puts them on different nodes where it can (STRICT_*: or not at all). Whatever the strategy, a lost node that held a worker restarts the group, which resumes from the newest complete checkpoint once the resources are back (checkpoint.max_failures counts it).")
     worker_startup_timeout_s: float = Field(180, gt=0, description="How long Ray Train waits for the worker group to start.")
 
 

@@ -53,6 +53,8 @@ def deployment_options(cfg: ServeConfig) -> dict:
         "health_check_timeout_s": d.health_check_timeout_s,
         "graceful_shutdown_timeout_s": 30,
     }
+    if d.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = d.max_replicas_per_node
     if d.env_vars:
         options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(d.env_vars)}
     if d.autoscaling is not None:

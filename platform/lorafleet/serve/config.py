@@ -129,6 +129,7 @@ class DeploymentSettings(StrictModel):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica runs at once (vLLM batches them); up to limits.max_queued_requests more wait in its queue. Keep it >= engine.max_num_seqs.")
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per engine replica.")
     num_gpus: float = Field(0, ge=0, description="GPUs per engine replica (1 on a GPU cluster; vLLM uses the one Ray assigns).")
+    max_replicas_per_node: Optional[int] = Field(None, ge=1, description="Most engine replicas Serve places on one Ray node (Serve's `max_replicas_per_node`): 1 spreads them one per node, so losing a node loses one replica; null: no limit.")
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the engine replicas (Ray runtime_env), e.g. VLLM_CPU_OMP_THREADS_BIND, HF_HOME, HF_TOKEN.")
     health_check_period_s: float = Field(10, gt=0, description="How often Serve checks that each replica's engine is alive.")
     health_check_timeout_s: float = Field(60, gt=0, description="How long one health check may take before the replica is restarted.")
