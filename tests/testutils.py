@@ -35,6 +35,15 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def registered_steps(run_dir: Path) -> list[int]:
+    """Checkpoints Ray Train has registered (every rank reported), from its controller's snapshot (Ray 2.60)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [c["metrics"]["step"] for c in snapshot["checkpoint_results"]]
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for servers and clusters the tests start)."""
     with socket.socket() as s:

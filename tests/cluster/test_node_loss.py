@@ -36,7 +36,7 @@ import psutil
 import pytest
 import yaml
 
-from testutils import REPO, banking_rows, free_port, record_scenario, write_rows
+from testutils import REPO, banking_rows, free_port, record_scenario, registered_steps, write_rows
 
 # Gated per test, not per module: the option checks at the end always run.
 reliability_only = pytest.mark.skipif(os.environ.get("LORAFLEET_RELIABILITY") != "1",
@@ -148,15 +148,6 @@ EVERY, TOTAL = 5, 30
 NODE_LOST_S = 10  # how long the run is a node short before one is added back
 
 
-def _registered_steps(run_dir: Path) -> list[int]:
-    """Checkpoints Ray Train has registered (every rank reported), from its controller's snapshot."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [c["metrics"]["step"] for c in snapshot["checkpoint_results"]]
-
-
 @pytest.mark.slow
 @reliability_only
 def test_training_survives_the_loss_of_a_node(two_nodes, tmp_path):
@@ -193,13 +184,13 @@ def test_training_survives_the_loss_of_a_node(two_nodes, tmp_path):
     try:
         # The first complete checkpoint is in and rank 0 is past it, with one worker on each node.
         deadline = time.monotonic() + 600
-        while not (_registered_steps(run_dir) and printed and printed[-1] > EVERY * 2):
+        while not (registered_steps(run_dir) and printed and printed[-1] > EVERY * 2):
             assert driver.poll() is None, log_path.read_text()[-4000:]
             assert time.monotonic() < deadline, "the run never got past its second checkpoint"
             time.sleep(0.05)
         seen["workers_per_node"] = {role: len(two_nodes.processes(role, "RayTrainWorker")) for role in ("head", "worker")}
         killed_at, _ = two_nodes.kill_worker()
-        checkpoint_at_kill = max(_registered_steps(run_dir))
+        checkpoint_at_kill = max(registered_steps(run_dir))
         time.sleep(2)  # progress lines already on their way to the driver; no step completes without the lost rank
         seen.update(killed_at_step=printed[-1], checkpoint_at_kill=checkpoint_at_kill)
         # Lost for a while: the run waits for resources (it has a node short), then a node comes back.

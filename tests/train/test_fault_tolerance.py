@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from lorafleet.train import run_finetune
-from testutils import REPO, banking_rows, record_scenario, write_rows
+from testutils import REPO, banking_rows, record_scenario, registered_steps, write_rows
 from train.test_finetune import CONFIG, make_cfg
 
 pytestmark = pytest.mark.slow
@@ -95,14 +95,6 @@ def _session_train_workers(ray) -> list[psutil.Process]:
     return procs
 
 
-def _registered_steps(run_dir: Path) -> list[int]:
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [c["metrics"]["step"] for c in snapshot["checkpoint_results"]]
-
-
 def _printed_step(log_file: Path) -> int:
     """Last "step N/M" progress line rank 0 logged (one per logging step, to the worker's stderr)."""
     steps = re.findall(r"^step (\d+)/", log_file.read_text(errors="replace"), re.M)
@@ -122,11 +114,11 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(small_csv, tiny_base, tmp
     killed: dict = {}
 
     def reached(rank0_log: Path) -> int:
-        return max([_printed_step(rank0_log), *_registered_steps(run_dir)])
+        return max([_printed_step(rank0_log), *registered_steps(run_dir)])
 
     def killer():
         deadline = time.time() + 600
-        while time.time() < deadline and not _registered_steps(run_dir):
+        while time.time() < deadline and not registered_steps(run_dir):
             time.sleep(0.1)
         while time.time() < deadline:
             workers = _session_train_workers(ray_cluster)
@@ -136,7 +128,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(small_csv, tiny_base, tmp
                 victim = rank0[0] if victim_rank == 0 else next(w for w in workers if w is not rank0[0])
                 victim.kill()  # SIGKILL, no chance to clean up
                 time.sleep(2)  # rank 0 cannot finish another step alone; a report both ranks made is registered by now
-                killed.update(step=reached(outs[rank0[0].pid]), checkpoint=max(_registered_steps(run_dir)))
+                killed.update(step=reached(outs[rank0[0].pid]), checkpoint=max(registered_steps(run_dir)))
                 return
             time.sleep(0.02)
 
@@ -172,7 +164,7 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(uninterrupted):
     complete checkpoint, redoes the steps after it, and ends with the same adapter."""
     cfg = uninterrupted["cfg"]
     run_dir = Path(cfg.resolved_storage_path()) / cfg.run_name
-    assert _registered_steps(run_dir) == [15, 20, 25, 30]  # keep=4
+    assert registered_steps(run_dir) == [15, 20, 25, 30]  # keep=4
 
     latest = Path(uninterrupted["res"]["checkpoint_path"])
     shard = latest / "dcp" / "__1_0.distcp"
@@ -233,7 +225,7 @@ def test_killed_driver_then_same_run_name_resumes(tiny_base, small_csv, tmp_path
     finally:
         first.kill()
         first.wait()
-    registered = max(_registered_steps(run_dir))
+    registered = max(registered_steps(run_dir))
     # As if the driver had died before Ray's controller recorded any checkpoint (its snapshot is
     # what Ray restores from): the complete checkpoints the workers wrote must still be found.
     (run_dir / "checkpoint_manager_snapshot.json").unlink()
