@@ -27,15 +27,15 @@ from __future__ import annotations
 import json
 import logging
 import numbers
-import os
 import re
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from lorafleet.config.train import TrackingConfig, default_work_dir
+from lorafleet.config.train import TrackingConfig
+from lorafleet.tracking.locations import resolve_artifact_location, resolve_tracking_uri
+from lorafleet.tracking.provenance import GIT_COMMIT_TAG, git_commit
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "lorafleet."
 RUN_NAME_TAG = "lorafleet.run_name"
-GIT_COMMIT_TAG = "lorafleet.git_commit"
-DATASET_FINGERPRINT_TAG = "lorafleet.dataset_fingerprint"
 ATTEMPT_TAG = "lorafleet.attempt"
 
 # Limits of the MLflow REST API / stores (mlflow.utils.validation); copied so that
@@ -69,63 +67,6 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<
 
 class TrackingError(RuntimeError):
     """A tracking operation could not be completed (the message lists every failure)."""
-
-
-# ---------------------------------------------------------------------------- locations
-
-
-def resolve_tracking_uri(cfg: TrackingConfig) -> str:
-    """``cfg.mlflow_tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store
-    ``sqlite:///<work dir>/mlflow.db`` (folder created)."""
-    if cfg.mlflow_tracking_uri:
-        return cfg.mlflow_tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    work_dir = default_work_dir()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{work_dir}/mlflow.db"
-
-
-def resolve_artifact_location(cfg: TrackingConfig) -> Optional[str]:
-    """Artifact root for a new experiment.
-
-    ``cfg.mlflow_artifact_location`` when set; ``<work dir>/mlartifacts`` for the
-    embedded sqlite store (``<db folder>/mlartifacts`` for another sqlite file);
-    None for tracking servers and other stores, which pick their own (a server with
-    ``--serve-artifacts`` proxies uploads, so workers need no shared disk).
-    """
-    if cfg.mlflow_artifact_location:
-        return cfg.mlflow_artifact_location
-    if not cfg.mlflow_tracking_uri:
-        return (default_work_dir() / "mlartifacts").as_uri()
-    uri = cfg.mlflow_tracking_uri
-    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-    return None
-
-
-def pinned_tracking(cfg: TrackingConfig) -> dict[str, Optional[str]]:
-    """The tracking URI and artifact location as resolved on this machine, to pin into a config
-    that runs elsewhere (a Tune trial on another node would otherwise resolve its own defaults:
-    another node's work dir, another sqlite file). Empty when tracking is off."""
-    if not cfg.enabled:
-        return {}
-    return {"mlflow_tracking_uri": resolve_tracking_uri(cfg), "mlflow_artifact_location": resolve_artifact_location(cfg)}
-
-
-def warn_if_node_local(tracking_uri: str, nodes: int) -> Optional[str]:
-    """A warning (logged and returned) when a file-based MLflow store is used on a multi-node Ray
-    cluster: workers and trials on other nodes write to that path on their own disk unless it is
-    a shared filesystem."""
-    if nodes < 2 or not (tracking_uri.startswith(("sqlite:///", "file:")) or "://" not in tracking_uri):
-        return None
-    if tracking_uri == "sqlite:///:memory:":
-        return None
-    msg = (f"MLflow store {tracking_uri} is a file on this node, and the Ray cluster has {nodes} nodes: runs on other "
-           f"nodes only reach it if that path is on a filesystem every node shares. Otherwise set "
-           f"tracking.mlflow_tracking_uri (or MLFLOW_TRACKING_URI) to an MLflow server or a postgresql:// URL")
-    log.warning(msg)
-    return msg
 
 
 def _client(tracking_uri: str) -> "MlflowClient":
@@ -441,33 +382,6 @@ def download_adapter(tracking_uri: str, model_uri: str, dst: str) -> str:
     source = client.get_model_version_download_uri(name, str(version))
     Path(dst).mkdir(parents=True, exist_ok=True)
     return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
-
-
-# ---------------------------------------------------------------------------- provenance
-
-
-def git_commit(path: Optional[str] = None) -> Optional[str]:
-    """Commit hash (HEAD) of the git repo containing ``path``; None if not a git repo or git is missing.
-
-    ``path`` defaults to the lorafleet source tree, then the working directory.
-    """
-    candidates = [path] if path else [str(Path(__file__).resolve().parent), os.getcwd()]
-    for candidate in candidates:
-        try:
-            out = subprocess.run(
-                ["git", "-C", candidate, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        commit = out.stdout.strip()
-        if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", commit):
-            return commit
-    return None
-
-
-def dataset_fingerprint_tag(fingerprint: str) -> dict[str, str]:
-    """Run/version tags recording which data a run trained on."""
-    return {DATASET_FINGERPRINT_TAG: str(fingerprint)}
 
 
 # ---------------------------------------------------------------------------- step metrics
