@@ -8,10 +8,11 @@ parsing, structured outputs, logprobs, streaming, usage and errors are vLLM's.
 lorafleet's one seam into it is :meth:`Frontend.bind`: the adapter version lorafleet admitted
 for a request becomes a ``LoRARequest`` in ``OpenAIServingModels.lora_requests`` (vLLM's
 public table of servable adapters) under a name unique to that version, and the request's
-``model`` is set to that name. A chat request to an adapter whose folder carries its training
-prompt format runs as a completion of the rendered training prompt (:mod:`.prompted`). vLLM never resolves an adapter name on its own (no
+``model`` is set to that name. vLLM never resolves an adapter name on its own (no
 ``LoRAResolver`` is registered and runtime LoRA updating stays off), so nothing reaches the
 engine that lorafleet did not admit. The name the caller used is put back into the response.
+A chat request to an adapter whose folder carries its training prompt format runs as a
+completion of the rendered training prompt (:mod:`.prompted`).
 
 Example::
 
