@@ -69,7 +69,7 @@ def check_prompt_format(fmt: Any) -> dict:
     if not isinstance(template, str) or not template.strip():
         raise ValueError(f"{PROMPT_FILE}: 'template' must be a non-empty string or null, got {template!r}")
     try:
-        used = [name for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        used = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
         raise ValueError(f"{PROMPT_FILE}: 'template' is not a valid format string: {exc}") from None
     if not isinstance(fields, list) or not fields or not all(isinstance(f, str) and f.isidentifier() for f in fields):
