@@ -169,6 +169,59 @@ def test_streaming_agrees_with_non_streaming(http, served, serve_assets, model):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole["choices"][0]["message"]["content"]
 
 
+# --------------------------------------------------------------------------- an adapter's prompt format
+
+
+def test_chat_to_an_adapter_with_a_prompt_format_gets_its_training_prompt(http, served, serve_assets):
+    """A copy of gamma carrying lorafleet_prompt.json ("{text}\nintent:", how the test adapters were trained):
+    chat with the user's plain text answers exactly as /v1/completions on the rendered prompt, streamed or not;
+    gamma itself (no file) still gets the chat template; a malformed file is refused at registration."""
+    import shutil
+
+    from lorafleet.data.prompt_format import PROMPT_FILE
+    from serve_helpers import PROMPT_SUFFIX
+
+    created = http.post("/admin/tenants", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, json={"name": "prompted"})
+    assert created.status_code == 201, created.text
+    auth = {"Authorization": f"Bearer {created.json()['api_key']['key']}"}
+    fmt = {"format_version": 1, "task": "intent", "kind": "classification", "template": "{text}" + PROMPT_SUFFIX, "fields": ["text"]}
+    registered = {}
+    for name, content in (("gamma-bad", '{"format_version": 1, "template": 3}'), ("gamma-prompted", json.dumps(fmt))):
+        folder = served.uploads / name
+        shutil.copytree(serve_assets.adapters["gamma"], folder)
+        (folder / PROMPT_FILE).write_text(content)
+        registered[name] = http.post("/v1/adapters", headers=auth, json={"name": name, "source": str(folder)})
+    assert_openai_error(registered["gamma-bad"], 422, "invalid_prompt_format")
+    assert registered["gamma-prompted"].status_code == 201, registered["gamma-prompted"].text
+
+    prompt = serve_assets.prompts[0]
+    text = prompt[: -len(PROMPT_SUFFIX)]
+    raw = http.post("/v1/completions", headers=auth, json={"model": "gamma-prompted", "prompt": prompt, "max_tokens": MAX_NEW_TOKENS,
+                                                           "temperature": 0}).json()
+    assert_matches_offline(serve_assets, "gamma", prompt, raw["choices"][0]["text"])
+    chat = {"model": "gamma-prompted", "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
+            "messages": [{"role": "system", "content": "ignored"}, {"role": "user", "content": "an earlier turn"},
+                         {"role": "assistant", "content": "ok"}, {"role": "user", "content": text}]}
+    whole = http.post("/v1/chat/completions", headers=auth, json=chat)
+    assert whole.status_code == 200, whole.text
+    body = whole.json()
+    assert body["object"] == "chat.completion" and body["model"] == "gamma-prompted" and body["id"].startswith("chatcmpl-")
+    message = body["choices"][0]["message"]
+    assert (message["role"], message["content"]) == ("assistant", raw["choices"][0]["text"])
+    assert body["choices"][0]["finish_reason"] == raw["choices"][0]["finish_reason"] and body["usage"] == raw["usage"]
+    chunks = read_sse(http.post("/v1/chat/completions", headers=auth, json={**chat, "stream": True}))
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "gamma-prompted" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == raw["choices"][0]["text"]
+    # the completion route stays raw: the user's text alone is not the training prompt
+    bare = http.post("/v1/completions", headers=auth, json={"model": "gamma-prompted", "prompt": text, "max_tokens": MAX_NEW_TOKENS,
+                                                            "temperature": 0}).json()
+    assert bare["usage"]["prompt_tokens"] < raw["usage"]["prompt_tokens"]
+
+    plain = http.post("/v1/chat/completions", json={**chat, "model": "gamma", "messages": serve_assets.chat_messages}).json()
+    assert_matches_offline(serve_assets, "gamma", serve_assets.chat_prompt, plain["choices"][0]["message"]["content"], add_special_tokens=False)
+
+
 # --------------------------------------------------------------------------- replicas
 
 

@@ -340,3 +340,27 @@ def test_base_fingerprint_is_stable_and_tells_bases_apart(assets, spec):
     assert spec.fingerprint == base_fingerprint(config) == BaseModelSpec.from_model(str(assets["tiny"])).fingerprint
     assert base_fingerprint({**config, "torch_dtype": "bfloat16", "unrelated": 1}) == spec.fingerprint
     assert BaseModelSpec.from_model(str(assets["wide"])).fingerprint != spec.fingerprint
+
+
+def test_a_prompt_format_is_read_with_the_adapter(assets, spec, tmp_path):
+    from lorafleet.data.prompt_format import write_prompt_format
+    from lorafleet.data.tasks import get_task
+
+    folder = variant(assets["good"], tmp_path / "prompted")
+    write_prompt_format(folder, get_task("banking77").prompt_format())
+    assert check(folder, spec).prompt_format["template"] == "Query: {text}\nIntent:"
+    assert check(assets["good"], spec).prompt_format is None
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("{not json", "not readable JSON"),
+    ('["a list"]', "must hold a JSON object"),
+    ('{"format_version": 1, "task": "t", "kind": "classification", "template": "Q: {text}", "fields": ["query"]}', "uses the fields"),
+    ('{"format_version": 2, "task": "t", "kind": "classification", "template": "Q: {text}", "fields": ["text"]}', "format_version"),
+    ('{"format_version": 1, "task": "t", "kind": "classification", "template": "Q: {text", "fields": ["text"]}', "not a valid format string"),
+    ('{"format_version": 1, "task": "t", "kind": "c", "template": null, "fields": [], "extra": 1}', "unknown keys"),
+])
+def test_a_malformed_prompt_format_is_refused(assets, spec, tmp_path, text, fragment):
+    folder = variant(assets["good"], tmp_path / "bad-prompt")
+    (folder / "lorafleet_prompt.json").write_text(text)
+    refused(folder, spec, 422, "invalid_prompt_format", fragment, "lorafleet_prompt.json")

@@ -47,7 +47,9 @@ def test_result_json_and_adapter_folder(trained):
     assert on_disk["adapter_path"] == str(out / "adapter") == res["adapter_path"]
     assert on_disk["mlflow_run_id"] and on_disk["registered_model"] == "test-intent" and on_disk["registered_version"]
     files = {p.name for p in (out / "adapter").iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert {"adapter_config.json", "adapter_model.safetensors", "lorafleet_prompt.json"} <= files
+    prompt = json.loads((out / "adapter" / "lorafleet_prompt.json").read_text())
+    assert (prompt["task"], prompt["template"]) == ("banking77", "Query: {text}\nIntent:")  # what the server applies to chat
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     m = res["metrics"]
     assert m["step"] == 40 and m["world_size"] == 2

@@ -50,7 +50,9 @@ def test_base_mutating_init_is_saved_as_a_plain_lora_with_the_trained_outputs(in
     assert (trained - untrained).abs().max() > 1e-3  # training changed the outputs
 
     folder = tmp_path / "adapter"
-    export_model(folder, model, tokenizer=None, method="lora")
+    from lorafleet.data.tasks import get_task
+
+    export_model(folder, model, tokenizer=None, method="lora", prompt_format=get_task("banking77").prompt_format())
     conf = json.loads((folder / "adapter_config.json").read_text())
     assert conf["init_lora_weights"] is True and conf["r"] == 2 * cfg.lora.r and conf["lora_alpha"] == 2 * cfg.lora.lora_alpha
 
@@ -64,3 +66,4 @@ def test_base_mutating_init_is_saved_as_a_plain_lora_with_the_trained_outputs(in
 
     info = inspect_adapter(folder, BaseModelSpec.from_model(str(base_dir)), max_lora_rank=64, max_bytes=10**8)
     assert info.rank == 2 * cfg.lora.r
+    assert info.prompt_format["template"] == "Query: {text}\nIntent:"  # the prompt format travels with the adapter

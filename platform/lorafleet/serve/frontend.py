@@ -11,6 +11,8 @@ public table of servable adapters) under a name unique to that version, and the 
 ``model`` is set to that name. vLLM never resolves an adapter name on its own (no
 ``LoRAResolver`` is registered and runtime LoRA updating stays off), so nothing reaches the
 engine that lorafleet did not admit. The name the caller used is put back into the response.
+A chat request to an adapter whose folder carries its training prompt format runs as a
+completion of the rendered training prompt (:mod:`.prompted`).
 
 Example::
 
@@ -23,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import AsyncIterator, Optional
 
 from lorafleet.serve.adapters import Adapter, AdapterCatalog, AdapterStore
 from lorafleet.serve.config import ServeConfig
 from lorafleet.serve.engine import engine_setup, frontend_args
+from lorafleet.serve.prompted import as_completion, chat_chunks, chat_response
 from lorafleet.serve.slots import LoRASlots
+from lorafleet.serve.validation import read_prompt
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ class Frontend:
         self._loads: dict[str, int] = {}
         self._evictions: dict[str, int] = {}
         self._refresh_task: Optional[asyncio.Task] = None
+        self._prompt_formats: dict[str, Optional[dict]] = {}  # content hash -> the adapter's checked prompt format
 
     @classmethod
     async def start(cls, cfg: ServeConfig, replica: str = "local") -> "Frontend":
@@ -108,6 +114,9 @@ class Frontend:
         """
         lora = self.bind(request, adapter)
         internal = request.model
+        prompted = kind == "chat" and lora is not None and self.prompt_format(lora) is not None
+        if prompted:
+            request, kind = as_completion(request, self.prompt_format(lora)), "completions"
         serving = self.chat.create_chat_completion if kind == "chat" else self.completions.create_completion
         slot = self.slots.use(lora)
         await slot.__aenter__()
@@ -118,12 +127,20 @@ class Frontend:
             self._schedule_lora_refresh()
             raise
         if hasattr(result, "__aiter__"):
-            return self._stream(result, slot, internal, shown)
+            return self._stream(chat_chunks(result) if prompted else result, slot, internal, shown)
         await slot.__aexit__(None, None, None)
         self._schedule_lora_refresh()
         if hasattr(result, "model") and not hasattr(result, "error"):
+            result = chat_response(result) if prompted else result
             result.model = shown
         return result
+
+    def prompt_format(self, adapter: Adapter) -> Optional[dict]:
+        """The training prompt format in the adapter's folder (checked when the version was admitted), or None."""
+        key = adapter.content_hash or adapter.path
+        if key not in self._prompt_formats:
+            self._prompt_formats[key] = read_prompt(Path(adapter.path))
+        return self._prompt_formats[key]
 
     async def _stream(self, chunks: AsyncIterator[str], slot, internal: str, shown: str) -> AsyncIterator[str]:
         # vLLM writes each chunk with pydantic's compact JSON: `"model":"<name>"`.

@@ -20,7 +20,9 @@ and a message that says what is wrong and how to fix it. The checks run cheapest
 7. its rank fits the engine (``rank_too_large``);
 8. its ``target_modules`` exist in the base (``unknown_target_module``);
 9. every tensor is a ``lora_A``/``lora_B`` pair whose shapes fit the base layer it adapts
-   (``corrupt_weights``, ``unsupported_tensor``, ``shape_mismatch``).
+   (``corrupt_weights``, ``unsupported_tensor``, ``shape_mismatch``);
+10. an optional ``lorafleet_prompt.json`` (the training prompt format the server applies to chat
+    requests, :mod:`lorafleet.data.prompt_format`) is well formed (``invalid_prompt_format``).
 
 The base is described by a :class:`BaseModelSpec`, built from the model's config alone
 (the model is instantiated on PyTorch's meta device, so no weights are read or allocated).
@@ -137,6 +139,7 @@ class AdapterInfo:
     target_modules: list[str]  # sorted distinct module suffixes found in the tensors, e.g. ["q_proj", "v_proj"]
     size_bytes: int
     base_model: str | None  # adapter_config base_model_name_or_path
+    prompt_format: dict | None = None  # lorafleet_prompt.json, checked
 
 
 def inspect_adapter(folder: Path, base: BaseModelSpec, *, max_lora_rank: int, max_bytes: int,
@@ -156,7 +159,17 @@ def inspect_adapter(folder: Path, base: BaseModelSpec, *, max_lora_rank: int, ma
     ranks = _check_tensors(shapes, cfg, base, max_lora_rank)
     return AdapterInfo(rank=max(ranks.values()), lora_alpha=float(cfg["lora_alpha"]),
                        target_modules=sorted({_module_suffix(m) for m in ranks}),
-                       size_bytes=size, base_model=cfg.get("base_model_name_or_path"))
+                       size_bytes=size, base_model=cfg.get("base_model_name_or_path"), prompt_format=read_prompt(folder))
+
+
+def read_prompt(folder: Path) -> dict | None:
+    """The adapter's checked prompt format (None: it has none); a malformed file is refused."""
+    from lorafleet.data.prompt_format import read_prompt_format
+
+    try:
+        return read_prompt_format(folder)
+    except ValueError as exc:
+        raise AdapterRefused(f"{exc} (fix the file, or delete it to serve the adapter without a prompt format)", code="invalid_prompt_format") from None
 
 
 def _check_is_folder(folder: Path) -> None:

@@ -250,12 +250,14 @@ def _newest_complete(fs, run_dir: str, latest_path: str | None) -> str | None:
                        f". Delete {run_dir} (or choose a new run_name) to start over from step 0")
 
 
-def export_model(path: str | Path, model, tokenizer, method: str) -> None:
+def export_model(path: str | Path, model, tokenizer, method: str, prompt_format: dict | None = None) -> None:
     """Write the final adapter (PEFT folder) or, for method full, the whole model.
 
     Collective (the full state dict is gathered from all shards); rank 0 writes.
     Output is safetensors only: ``adapter_config.json`` + ``adapter_model.safetensors``,
-    loadable by ``PeftModel.from_pretrained`` and by vLLM.
+    loadable by ``PeftModel.from_pretrained`` and by vLLM; with ``prompt_format`` (the task's
+    :meth:`~lorafleet.data.tasks.TaskSpec.prompt_format`) also ``lorafleet_prompt.json``, which
+    the server applies to chat requests (:mod:`lorafleet.data.prompt_format`).
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -275,6 +277,10 @@ def export_model(path: str | Path, model, tokenizer, method: str) -> None:
     target.save_pretrained(str(path), state_dict=sd, safe_serialization=True)
     if initial:
         _double_rank_in_config(path / "adapter_config.json")
+    if prompt_format is not None:
+        from lorafleet.data.prompt_format import write_prompt_format
+
+        write_prompt_format(path, prompt_format)
     if method == "full":
         tokenizer.save_pretrained(str(path))
         # Generation-time settings: the training loop turned the KV cache off.

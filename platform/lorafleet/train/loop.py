@@ -335,7 +335,10 @@ def _report(metrics, cfg, rank, engine, model, optimizer, scheduler, state, toke
         else:
             save_training_checkpoint(tmp, model, optimizer, scheduler, state, trainable_only)
         if final:
-            export_model(Path(tmp) / ADAPTER_DIR, engine.module if engine else model, tokenizer, cfg.method)
+            from lorafleet.data.tasks import resolve_task
+
+            export_model(Path(tmp) / ADAPTER_DIR, engine.module if engine else model, tokenizer, cfg.method,
+                         resolve_task(cfg.data).prompt_format())
         write_manifest(tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 

@@ -303,7 +303,9 @@ def _version_tags(cfg: FinetuneConfig, data) -> dict[str, str]:
     tm = cfg.lora.target_modules
     return {"base_model": cfg.model.name_or_path, "method": cfg.method, "r": str(cfg.lora.r),
             "lora_alpha": str(cfg.lora.lora_alpha), "target_modules": tm if isinstance(tm, str) else ",".join(tm),
-            "task": data.task.name, "dataset_fingerprint": data.fingerprint, **cfg.tracking.tags}
+            "task": data.task.name, "dataset_fingerprint": data.fingerprint,
+            # the template the server applies to chat requests (the adapter's lorafleet_prompt.json, registered with it)
+            **({"prompt_template": template} if (template := data.task.prompt_format()["template"]) else {}), **cfg.tracking.tags}
 
 
 def _asdict(obj):

@@ -94,6 +94,15 @@ class TaskSpec:
         """``(prompt, completion, input, reference)`` of one row; :class:`BadRow` if it cannot be formatted."""
         return self.format_prompt(row, tokenizer), self.format_completion(row), self.format_input(row), self.format_reference(row)
 
+    def prompt_format(self) -> dict:
+        """How a served request becomes this task's prompt (saved with the adapter: :mod:`lorafleet.data.prompt_format`).
+        No template (chat, raw text): nothing to apply, chat requests use the base's chat template."""
+        fields = template_fields(self.template) if self.template else []
+        return {"format_version": 1, "task": self.name, "kind": self.kind, "template": self.template or None, "fields": fields,
+                "description": (f"the user's text fills {{{fields[0]}}}" if len(fields) == 1 else
+                                f"the user's message is a JSON object with the keys {fields}") if fields else
+                               f"no prompt template ({self.kind}): chat requests use the base's chat template"}
+
     # -- what the loader asks ---------------------------------------------------------------
     def resolve_format(self, found: list[str], columns: dict[str, str], fmt: str) -> str:
         """The data format of a file with columns ``found`` (chat tells its formats apart; others have one)."""

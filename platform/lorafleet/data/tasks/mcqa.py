@@ -33,6 +33,14 @@ class MultipleChoiceTask(TaskSpec):
         choices = " | ".join(f"{letter}. {text}" for letter, text in self.choices(row))
         return f"{self.text(row, 'question')} ({choices})"
 
+    def prompt_format(self) -> dict:
+        """The user's text is the question followed by its choices, one ``A. text`` per line (as trained)."""
+        fmt = super().prompt_format()
+        if "{question}\n{choices}" in self.template:
+            fmt.update(template=self.template.replace("{question}\n{choices}", "{question}"), fields=["question"],
+                       description="the user's text is the question, then one 'A. choice' line per choice")
+        return fmt
+
     def field_optional(self, name: str, found: list[str]) -> bool:
         return name == "choices" and all(c in found for c in CHOICE_LETTERS[:2])  # flat columns A..E
 
