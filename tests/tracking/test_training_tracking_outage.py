@@ -13,8 +13,8 @@ import pytest
 from mlflow import MlflowClient
 
 from lorafleet.train import run_finetune
-from testutils import banking_rows, record_scenario, write_rows
-from train.test_fault_tolerance import _registered_steps
+from testutils import banking_rows, record_scenario, registered_steps, write_rows
+
 from train.test_finetune import make_cfg
 
 pytestmark = pytest.mark.slow
@@ -76,9 +76,9 @@ def test_losses_logged_once_the_server_is_back(tiny_base, outage_csv, tmp_path, 
     def restart(seen):
         # Back once training has gone on without it for at least one checkpoint interval.
         deadline = time.time() + 600
-        while max(_registered_steps(run_dir), default=0) < seen["killed_after_step"] + 5 and time.time() < deadline:
+        while max(registered_steps(run_dir), default=0) < seen["killed_after_step"] + 5 and time.time() < deadline:
             time.sleep(0.1)
-        seen["down_until_step"] = max(_registered_steps(run_dir))
+        seen["down_until_step"] = max(registered_steps(run_dir))
         mlflow_server(backend_store_uri=server.backend_store_uri, port=server.port)
         seen["down_s"] = time.monotonic() - seen["killed_at"]
 
