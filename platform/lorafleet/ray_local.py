@@ -29,4 +29,5 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> None:
         log.warning("RAY_AUTH_MODE=%s: this local Ray cluster runs WITHOUT token authentication; any local process may use it", mode)
     # address="local": a new cluster even when a `ray start` one runs on this machine; without it
     # ray.init joins that one (RAY_ADDRESS unset is not enough) and then refuses num_cpus.
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **init_kwargs)
+    init_kwargs.setdefault("address", "local")
+    ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **init_kwargs)
