@@ -331,7 +331,7 @@ def test_ingress_mode_is_the_environment_of_the_ray_that_lorafleet_serve_starts(
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     with caplog.at_level("WARNING"):
         assert ingress_env(proxy) == {}
-    assert "start them with RAY_SERVE_ENABLE_DIRECT_INGRESS=0 RAY_SERVE_ENABLE_HA_PROXY=0" in caplog.text
+    assert "Ray Serve needs RAY_SERVE_ENABLE_DIRECT_INGRESS=0 RAY_SERVE_ENABLE_HA_PROXY=0" in caplog.text
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setitem(sys.modules, "ray.serve", object())
     with pytest.raises(ConfigError, match="before Ray Serve is imported"):

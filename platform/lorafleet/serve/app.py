@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve import Application
 
 from lorafleet.config.base import validate_config
-from lorafleet.serve.config import INGRESS_ENV, ServeConfig
+from lorafleet.serve.config import ServeConfig, ingress_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,9 @@ def app_from_config(cfg: ServeConfig, root: Optional[Path] = None) -> Applicatio
     from lorafleet.serve.server import LoRAServer
 
     cfg = cfg.absolute(root)
-    wanted = INGRESS_ENV[cfg.deployment.ingress]
-    if any(os.environ.get(k, "0") != v for k, v in wanted.items()):
-        log.warning("deployment.ingress is %s, but this Ray runs with %s: Serve uses what the cluster's nodes were started "
-                    "with; start them with %s", cfg.deployment.ingress, {k: os.environ.get(k, "unset") for k in wanted},
-                    " ".join(f"{k}={v}" for k, v in wanted.items()))
+    differs, why = ingress_mismatch(cfg.deployment.ingress, os.environ)
+    if differs:
+        log.warning("%s: Serve uses what the cluster's nodes were started with; start them with it", why)
     # The admin key leaves the driver only as its digest (read here from the config or the environment).
     digest = cfg.tenancy.admin_digest()
     cfg = cfg.model_copy(update={"tenancy": cfg.tenancy.model_copy(update={"admin_key": None, "admin_key_sha256": digest})})

@@ -18,7 +18,7 @@ import threading
 from typing import Iterable
 
 from lorafleet.config.base import ConfigError
-from lorafleet.serve.config import INGRESS_ENV
+from lorafleet.serve.config import ingress_mismatch
 from lorafleet.ray_local import start_local_ray
 
 log = logging.getLogger(__name__)
@@ -29,18 +29,15 @@ APP_NAME = "lorafleet"
 def ingress_env(cfg, environ=os.environ) -> dict[str, str]:
     """The environment this process must have for the Ray it starts to run ``deployment.ingress``;
     ConfigError when that cannot be, or is too late (ray.serve already imported with other values)."""
-    wanted = INGRESS_ENV[cfg.deployment.ingress]
-    differs = {k: v for k, v in wanted.items() if environ.get(k, "0") != v}
+    differs, why = ingress_mismatch(cfg.deployment.ingress, environ)
     if not differs:
         return {}
     if environ.get("RAY_ADDRESS"):
-        log.warning("deployment.ingress is %s but this shell has %s: joining the cluster in RAY_ADDRESS, whose nodes keep the "
-                    "setting they were started with (start them with %s)", cfg.deployment.ingress,
-                    {k: environ.get(k, "unset") for k in wanted}, " ".join(f"{k}={v}" for k, v in wanted.items()))
+        log.warning("%s: joining the cluster in RAY_ADDRESS, whose nodes keep the setting they were started with; "
+                    "start them with it", why)
         return {}
     if "ray.serve" in sys.modules:
-        raise ConfigError("deployment.ingress", [f"{cfg.deployment.ingress} needs {' '.join(f'{k}={v}' for k, v in wanted.items())} "
-                                                 "before Ray Serve is imported; set them in the environment of this process"])
+        raise ConfigError("deployment.ingress", [f"{why}, set before Ray Serve is imported; set them in the environment of this process"])
     return differs
 
 

@@ -37,6 +37,14 @@ INGRESS_ENV = {
     "proxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"},
     "haproxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
+
+
+def ingress_mismatch(ingress: str, environ) -> tuple[dict[str, str], str]:
+    """The variables ``environ`` lacks for ``ingress`` (empty: it matches), and a message naming them."""
+    wanted = INGRESS_ENV[ingress]
+    differs = {k: v for k, v in wanted.items() if environ.get(k, "0") != v}
+    return differs, (f"deployment.ingress is {ingress} but this environment has {({k: environ.get(k, 'unset') for k in wanted})}; "
+                     f"Ray Serve needs {' '.join(f'{k}={v}' for k, v in wanted.items())}")
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the registry's tenant names
 _TENANT_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789._-"  # every character TENANT_NAME admits
