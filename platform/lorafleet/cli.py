@@ -2,6 +2,7 @@
 
     lorafleet base build --out work/base --corpus queries.txt
     lorafleet eval --base work/base --adapter out/adapter --task banking77 --data test.csv --limit 200
+    lorafleet eval --config jobs/configs/mixture-lora.yaml --adapter out/adapter     # every task of a mixture
     lorafleet export --base work/base --adapter out/adapter --merge --out merged/ --dtype bfloat16
     lorafleet adapters list
     lorafleet serve --config serve/tiny-cpu.yaml
@@ -41,9 +42,23 @@ def _base_build(args) -> int:
 
 
 def _eval(args) -> int:
-    from lorafleet.evaluate import evaluate_adapter
+    from lorafleet.evaluate import evaluate_adapter, evaluate_config
 
-    metrics = evaluate_adapter(args.base, None if args.adapter in (None, "none") else args.adapter, args.task, args.data,
+    adapter = None if args.adapter in (None, "none") else args.adapter
+    if args.config:
+        if args.task or args.data or args.column:
+            raise ValueError("lorafleet eval: --config takes the tasks, files and columns from the config's data "
+                             "section; drop --task/--data/--column (or drop --config)")
+        from lorafleet.config import FinetuneConfig, load_config
+
+        cfg = load_config(FinetuneConfig, args.config, args.set)
+        print(json.dumps(evaluate_config(cfg, adapter, base=args.base, limit=args.limit, predictions=args.predictions,
+                                         batch_size=args.batch_size, device=args.device, dtype=args.dtype), indent=2))
+        return 0
+    if not (args.base and args.task and args.data):
+        raise ValueError("lorafleet eval needs --base, --task and --data (one task), or --config (the held-out rows "
+                         "of every dataset of a fine-tune config, a task mixture or custom tasks included)")
+    metrics = evaluate_adapter(args.base, adapter, args.task, args.data,
                                limit=args.limit, predictions=args.predictions, batch_size=args.batch_size,
                                columns=dict(c.split("=", 1) for c in args.column), device=args.device, dtype=args.dtype)
     print(json.dumps(metrics, indent=2))
@@ -110,12 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     b.set_defaults(func=_base_build)
 
-    e = sub.add_parser("eval", help="task metrics of base (+ adapter) on a data file, by generation")
-    e.add_argument("--base", required=True)
+    e = sub.add_parser("eval", help="task metrics of base (+ adapter) on a data file, or on every dataset of a "
+                                    "fine-tune config's held-out rows, by generation")
+    e.add_argument("--base", help="base model (default with --config: its model.name_or_path)")
     e.add_argument("--adapter", default=None, help="adapter folder, or 'none' for the base alone")
-    e.add_argument("--task", required=True)
-    e.add_argument("--data", required=True)
-    e.add_argument("--limit", type=int)
+    e.add_argument("--task")
+    e.add_argument("--data")
+    e.add_argument("--config", help="fine-tune YAML: score every dataset of its data section (one task, a mixture, "
+                                    "custom tasks) on the validation rows training held out")
+    e.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a --config value")
+    e.add_argument("--limit", type=int, help="rows scored per dataset (default with --config: data.max_eval_samples)")
     e.add_argument("--predictions", help="write one JSON object per example (input order) here")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN", help="map a task field to a file column")

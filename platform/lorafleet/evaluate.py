@@ -141,3 +141,61 @@ def merge_adapter(base: str, adapter: str, out: str, device: str = "auto", dtype
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def validation_loss(model, tokenizer, features: list[dict], batch_size: int) -> float | None:
+    """Mean next-token loss per target token over ``features`` (teacher forcing), as training's ``eval_loss``."""
+    import torch
+
+    from lorafleet.data import collate_batch
+    from lorafleet.train.loop import target_token_count, token_loss_sum
+
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(features), batch_size):
+            batch = {k: v.to(device) for k, v in collate_batch(features[i:i + batch_size], tokenizer.pad_token_id).items()}
+            total += token_loss_sum(model, batch).item()
+            tokens += target_token_count(batch["labels"])
+    return total / tokens if tokens else None
+
+
+def evaluate_config(config, adapter: str | None, base: str | None = None, limit: int | None = None,
+                    predictions: str | None = None, batch_size: int = 32, device: str = "auto", dtype: str = "auto") -> dict:
+    """Metrics of base (+ adapter) on the held-out rows of every dataset of a fine-tune config (one task, a task
+    mixture, custom tasks): the rows training validated on (same files, seed and 80/20 split), each dataset's
+    ``max_eval_samples`` (or ``limit``) of them generated and scored, and the loss over all of them. Keys as in
+    training: ``tasks.<name>`` holds each dataset's ``loss`` and metrics; a mixture adds ``eval_score``."""
+    from lorafleet.data import clean_prediction, tokenize_examples
+    from lorafleet.data.mixture import SCORE_METRIC, load_training_data, mixture_score
+
+    base = base or config.model.name_or_path
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    model, tok = load_for_inference(base, adapter, device, torch_dtype)
+    data = load_training_data(config.data, tokenizer=tok)
+    limits = [limit or d.max_eval_samples for d in config.data.datasets()]
+    tasks, flat, records = {}, {}, []
+    for part, n in zip(data.parts, limits):
+        spec, rows = part.task, part.data.validation
+        feats, _ = tokenize_examples(rows, tok, config.training.max_seq_length, spec)
+        scored = rows[:n] if n else rows
+        result: dict = {"task": spec.name, "examples": len(scored), "loss": validation_loss(model, tok, feats, batch_size)}
+        if spec.generation_metrics and scored:
+            raw = generate_with_progress(model, tok, [e.prompt for e in scored], spec.max_new_tokens, batch_size,
+                                         desc=f"eval {part.name}")
+            preds = [clean_prediction(spec, text) for text in raw]
+            result.update(spec.compute_metrics(preds, [e.reference for e in scored]))
+            records += [{"dataset": part.name, "input": e.input, "prediction": p, "reference": e.reference}
+                        for e, p in zip(scored, preds)]
+        tasks[part.name] = result
+        flat.update({f"eval/{part.name}/{k}": v for k, v in result.items() if isinstance(v, float)})
+    if predictions:
+        Path(predictions).parent.mkdir(parents=True, exist_ok=True)
+        with open(predictions, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    out = {"data": data.name, "adapter": adapter or "none", "base": base, "device": device,
+           "dtype": str(torch_dtype).removeprefix("torch."), "tasks": tasks}
+    if data.mixture and (score := mixture_score(data.parts, flat)) is not None:
+        out[SCORE_METRIC] = score
+    return out

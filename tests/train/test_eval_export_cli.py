@@ -105,3 +105,40 @@ def test_bad_dtype_is_refused_by_the_parser(base_and_adapter, capsys):
         main(["export", "--base", str(base), "--adapter", str(adapter), "--merge", "--out", "x", "--dtype", "int8"])
     assert exc.value.code == 2
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_eval_config_scores_every_dataset_of_a_mixture_custom_tasks_included(base_and_adapter, tmp_path, capsys):
+    """`lorafleet eval --config`: one call, each dataset's held-out rows (the config's split and limits), its loss
+    and metrics under its own name, a weighted score; a custom task (prompt template in the YAML) is scored too."""
+    base, adapter = base_and_adapter
+    bank = write_rows(tmp_path / "bank.csv", banking_rows(40, seed=5))
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"""model: {{name_or_path: {base}}}
+data:
+  max_eval_samples: 3
+  mixture:
+    - {{task: banking77, path: {bank}, weight: 3}}
+    - name: topic
+      path: {bank}
+      custom_task: {{prompt_template: "Text: {{text}}\\nTopic:", label_column: category, metric: exact_match}}
+      max_eval_samples: 5
+training: {{max_seq_length: 64}}
+""")
+    preds = tmp_path / "preds.jsonl"
+    assert main(["eval", "--config", str(config), "--adapter", str(adapter), "--batch-size", "4", "--predictions", str(preds)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["base"] == str(base) and res["data"] == "banking77+topic" and set(res["tasks"]) == {"banking77", "topic"}
+    bank_res, topic = res["tasks"]["banking77"], res["tasks"]["topic"]
+    assert (bank_res["examples"], topic["examples"]) == (3, 5)  # each dataset's own limit
+    assert {"loss", "accuracy", "macro_f1"} <= set(bank_res) and {"loss", "exact_match"} <= set(topic)
+    assert res["eval_score"] == pytest.approx(0.75 * bank_res["accuracy"] + 0.25 * topic["exact_match"])
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["dataset"] for r in lines] == ["banking77"] * 3 + ["topic"] * 5
+    # the adapter is really applied: the base alone has another loss on the same rows
+    assert main(["eval", "--config", str(config), "--adapter", "none", "--set", "data.max_eval_samples=1"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["tasks"]["banking77"]["examples"] == 1 and alone["tasks"]["banking77"]["loss"] != pytest.approx(bank_res["loss"])
+    assert main(["eval", "--config", str(config), "--task", "banking77"]) == 2
+    assert "--config takes the tasks, files and columns from the config" in capsys.readouterr().err
+    assert main(["eval", "--task", "banking77"]) == 2
+    assert "needs --base, --task and --data (one task), or --config" in capsys.readouterr().err

@@ -61,7 +61,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> tuple[dict, list[str]]:
-    """Apply dotted overrides to a nested dict. Returns the new dict and the override errors."""
+    """Apply dotted overrides to a nested dict (a number indexes a list: ``data.mixture.0.path=x.csv``).
+    Returns the new dict and the override errors."""
     data = copy.deepcopy(data)
     errors: list[str] = []
     for text in overrides:
@@ -71,16 +72,22 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> tuple[dict, list[st
             errors.append(str(exc))
             continue
         node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+        for i, part in enumerate(path):
+            if isinstance(node, list):  # a list of sections (data.mixture.0.path): the part is an index
+                if not (part.isdigit() and int(part) < len(node)):
+                    errors.append(f"override {text!r}: {'.'.join(path[:i])} is a list of {len(node)}; "
+                                  f"{part!r} is not one of its indices (0 to {len(node) - 1})")
+                    break
+                part = int(part)
+            if i == len(path) - 1:
+                node[part] = value
+                break
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], (dict, list)):
                 errors.append(f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section")
                 break
-            node = child
-        else:
-            node[path[-1]] = value
+            node = node[part]
     return data, errors
 
 

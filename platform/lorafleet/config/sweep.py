@@ -133,13 +133,14 @@ class SweepConfig(StrictModel):
         errors = []
         metric = self.sweep.metric
         if metric not in ("eval_loss", "eval_perplexity"):
-            from lorafleet.data.tasks import resolve_task
+            from lorafleet.data.mixture import datasets_of
 
-            allowed = [f"eval_{m}" for m in resolve_task(self.finetune.data).metrics]
+            datasets = datasets_of(self.finetune.data)
+            allowed = datasets.metric_names()
             if metric not in allowed:
-                errors.append(f"sweep.metric {metric!r} is never reported for task {self.finetune.data.task!r}; "
-                              f"use one of {['eval_loss', 'eval_perplexity', *allowed]}")
-            elif not self.finetune.training.generation_metrics:
+                errors.append(f"sweep.metric {metric!r} is never reported for task {datasets.name!r}; "
+                              f"use one of {allowed}")
+            elif not metric.endswith("/loss") and not self.finetune.training.generation_metrics:
                 errors.append(f"sweep.metric {metric!r} needs finetune.training.generation_metrics: true (got false)")
         base = self.finetune.model_dump(mode="json")
         for key, dist in self.sweep.space.items():

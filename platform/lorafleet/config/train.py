@@ -124,7 +124,9 @@ class CustomTaskConfig(StrictModel):
         return tuple(dict.fromkeys(METRIC_ALIASES.get(n, n) for n in names))
 
 
-class DataConfig(StrictModel):
+class DatasetConfig(StrictModel):
+    """One dataset and its task: the whole of ``data`` for a single-task run, one entry of ``data.mixture`` otherwise."""
+
     task: Optional[str] = Field(None, description="Task from the catalogue (`lorafleet tasks` lists them): classification, banking77, commonsense_qa, dialogsum, chat, raw_text, ... Required unless custom_task is given (then it is custom_task.name).")
     custom_task: Optional[CustomTaskConfig] = Field(None, description="A task defined here instead of in the catalogue: prompt template, completion or label column, labels, metric.")
     path: Optional[str] = Field(None, description="Local CSV/JSONL/JSON/Parquet/TXT file or folder. When unset the task's hub dataset is used.")
@@ -162,6 +164,66 @@ class DataConfig(StrictModel):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+class MixtureDataset(DatasetConfig):
+    """One dataset of a task mixture: a dataset with its task, its share of the training draws and its name in metrics."""
+
+    weight: float = Field(1.0, gt=0, description="Share of the training examples drawn from this dataset, relative to the other datasets' weights (normalised over the mixture). A dataset drawn more often than it has examples repeats them, each once before any twice.")
+    name: Optional[str] = Field(None, description="Name of this dataset in metrics (`eval/<name>/accuracy`...), stats and predictions. Default: its task's name.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if v is not None and not _TASK_NAME.match(v):
+            raise ValueError(f"mixture name {v!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+    def metric_prefix(self) -> str:
+        return self.name or self.task
+
+
+# Fields a mixture's datasets take from ``data`` when they do not set them (the rest is each dataset's own).
+MIXTURE_SHARED_FIELDS = ("split", "validation_fraction", "seed", "max_eval_samples", "on_bad_row", "loss_on")
+
+
+class DataConfig(DatasetConfig):
+    mixture: Optional[list[MixtureDataset]] = Field(None, description="Several datasets trained into one adapter, each with its own task, source, 80/20 split (or validation file), limits and `weight` (its share of the training draws). Validation reports each dataset's metrics as `eval/<name>/<metric>` plus `eval_loss` over all and `eval_score`, the weighted mean of each dataset's first metric. data's split, validation_fraction, seed, max_eval_samples, on_bad_row and loss_on apply to every dataset that does not set its own; the other data fields belong in the datasets.")
+    mixture_size: Optional[int] = Field(None, ge=1, description="Training examples drawn per epoch from the mixture. Default: the datasets' training examples summed.")
+
+    @model_validator(mode="after")
+    def _task_and_format(self):
+        if self.mixture is None:
+            if self.mixture_size is not None:
+                raise ValueError("data.mixture_size is the size of a task mixture; set data.mixture, or remove mixture_size")
+            return DatasetConfig._task_and_format(self)
+        errors = []
+        own = sorted(set(self.model_fields_set) - set(MIXTURE_SHARED_FIELDS) - {"mixture", "mixture_size"})
+        if own:
+            errors.append(f"data.{', data.'.join(own)} belong(s) to each dataset of data.mixture, not to data itself; "
+                          "move them into the mixture's entries")
+        if not self.mixture:
+            errors.append("data.mixture is empty: give at least one dataset (task, path or hub_name, weight)")
+        names = [d.metric_prefix() for d in self.mixture]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            errors.append(f"data.mixture names {twice} more than once; give each dataset of the same task its own `name`")
+        if errors:
+            raise ValueError("; ".join(errors))
+        shared = {k: getattr(self, k) for k in MIXTURE_SHARED_FIELDS if k in self.model_fields_set}
+        self.__dict__["mixture"] = [d.model_copy(update={k: v for k, v in shared.items() if k not in d.model_fields_set})
+                                    for d in self.mixture]
+        return self
+
+    def datasets(self) -> list[MixtureDataset]:
+        """The datasets of the run: the mixture's, or ``data`` itself as the one dataset (weight 1)."""
+        if self.mixture is not None:
+            return list(self.mixture)
+        return [MixtureDataset.model_validate(self.model_dump(exclude={"mixture", "mixture_size"}))]
+
+    def run_task_name(self) -> str:
+        """The run's task in tags and results: the task, or the mixture's dataset names joined by '+'."""
+        return self.task if self.mixture is None else "+".join(d.metric_prefix() for d in self.mixture)
 
 
 class TrainingConfig(StrictModel):

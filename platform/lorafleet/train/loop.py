@@ -39,7 +39,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from lorafleet.data import collate_batch, load_task_data, tokenize_examples
+    from lorafleet.data import collate_batch, tokenize_examples
+    from lorafleet.data.mixture import load_training_data, training_features
 
     cfg = FinetuneConfig.model_validate(loop_config["config"])
     t = cfg.training
@@ -50,9 +51,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- data (every rank builds the same deterministic split; each reads its shard) ----
     tokenizer = load_tokenizer(cfg.model)
-    data = load_task_data(cfg.data, tokenizer=tokenizer)
-    train_feats, train_stats = tokenize_examples(data.train, tokenizer, t.max_seq_length, data.task, t.packing)
-    val_feats, _ = tokenize_examples(data.validation, tokenizer, t.max_seq_length, data.task, False)
+    data = load_training_data(cfg.data, tokenizer=tokenizer)
+    train_feats, train_stats = training_features(data, tokenizer, t.max_seq_length, t.packing, seed=t.seed)
+    val_feats = [tokenize_examples(p.data.validation, tokenizer, t.max_seq_length, p.task, False)[0] for p in data.parts]
     if not train_feats:
         raise ValueError(f"no training example fits training.max_seq_length={t.max_seq_length} ({train_stats}); raise it")
     pad_id = tokenizer.pad_token_id
@@ -102,7 +103,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     autocast = _autocast(cfg, device)
     evaluator = _Evaluator(cfg, data, val_feats, tokenizer, pad_id, device, world, rank)
     base_metrics = {"params/trainable_local": n_trainable, "params/local": n_local, "world_size": world,
-                    "steps_total": total_steps, "data/train_examples": len(train_feats), "data/val_examples": len(val_feats),
+                    "steps_total": total_steps, "data/train_examples": len(train_feats), "data/val_examples": sum(map(len, val_feats)),
                     **{f"data/{k}": v for k, v in train_stats.items()}}
 
     # ---- train ----
@@ -335,10 +336,10 @@ def _report(metrics, cfg, rank, engine, model, optimizer, scheduler, state, toke
         else:
             save_training_checkpoint(tmp, model, optimizer, scheduler, state, trainable_only)
         if final:
-            from lorafleet.data.tasks import resolve_task
+            from lorafleet.data.mixture import datasets_of
 
             export_model(Path(tmp) / ADAPTER_DIR, engine.module if engine else model, tokenizer, cfg.method,
-                         resolve_task(cfg.data).prompt_format())
+                         datasets_of(cfg.data).prompt_format())
         write_manifest(tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -424,63 +425,80 @@ def _make_logger(tracking: dict | None, rank: int):
 
 
 class _Evaluator:
-    """Validation loss/perplexity on all validation examples, and task metrics by generation."""
+    """Validation loss/perplexity on all validation examples, and task metrics by generation, per dataset of the
+    run: a single task's as ``eval_<metric>``, a mixture's as ``eval/<name>/<metric>`` plus ``eval_score``."""
 
     def __init__(self, cfg, data, val_feats, tokenizer, pad_id, device, world, rank):
         self.cfg, self.data, self.val_feats, self.tokenizer = cfg, data, val_feats, tokenizer
         self.pad_id, self.device, self.world, self.rank = pad_id, device, world, rank
         limit = cfg.data.max_eval_samples
-        self.gen_examples = data.validation[:limit] if limit else data.validation
+        # A mixture's datasets carry their own limit (data's unless set).
+        limits = [d.max_eval_samples for d in cfg.data.datasets()] if data.mixture else [limit]
+        self.gen_examples = [p.data.validation[:n] if n else p.data.validation for p, n in zip(data.parts, limits)]
 
     @torch.no_grad()
     def run(self, model, engine, generation: bool) -> dict:
+        model.eval()
+        sums = [x for feats in self.val_feats for x in self._loss_sum(model, engine, feats)]
+        sums = _all_reduce_sum(sums, self.device)
+        metrics: dict = {}
+        total, tokens = sum(sums[0::2]), sum(sums[1::2])
+        if tokens:
+            metrics["eval_loss"] = total / tokens
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        for part, examples, part_sum, part_tokens in zip(self.data.parts, self.gen_examples, sums[0::2], sums[1::2]):
+            prefix = f"eval/{part.name}/" if self.data.mixture else "eval_"
+            if self.data.mixture and part_tokens:
+                metrics[prefix + "loss"] = part_sum / part_tokens
+            if generation and part.task.generation_metrics and examples:
+                scores = self._generation_metrics(model, engine, part.task, examples)
+                metrics.update({prefix + k: v for k, v in scores.items()})
+        if self.data.mixture:
+            from lorafleet.data.mixture import SCORE_METRIC, mixture_score
+
+            score = mixture_score(self.data.parts, metrics)
+            if score is not None:
+                metrics[SCORE_METRIC] = score
+        return metrics
+
+    def _loss_sum(self, model, engine, feats) -> tuple[float, float]:
+        """(summed token loss, target tokens) of this rank's shard of ``feats``."""
         from lorafleet.data import collate_batch
 
-        model.eval()
         bs = self.cfg.training.eval_batch_size
         # Equal shard sizes on every rank: FSDP needs every rank in every forward.
-        per_rank = math.ceil(len(self.val_feats) / self.world) if self.val_feats else 0
-        shard = self.val_feats[self.rank * per_rank : (self.rank + 1) * per_rank]
+        per_rank = math.ceil(len(feats) / self.world) if feats else 0
+        shard = feats[self.rank * per_rank : (self.rank + 1) * per_rank]
         loss_sum = tokens = 0.0
         for i in range(0, per_rank, bs):
             chunk = shard[i : i + bs]
             real = len(chunk)
-            chunk = chunk + [self.val_feats[0]] * (min(bs, per_rank - i) - real)
+            chunk = chunk + [feats[0]] * (min(bs, per_rank - i) - real)
             batch = {k: v.to(self.device) for k, v in collate_batch(chunk, self.pad_id).items()}
             out = (engine or model)(**batch)
-            n = float((batch["labels"][:real, 1:] != -100).sum())
             if real:
-                # Recompute the mean over the real rows only, weighted by their label tokens.
+                # Recompute the sum over the real rows only.
                 logits = out.logits[:real, :-1].float()
                 labels = batch["labels"][:real, 1:]
                 loss_sum += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum").item()
-                tokens += n
-        loss_sum, tokens = _all_reduce_sum([loss_sum, tokens], self.device)
-        metrics: dict = {}
-        if tokens:
-            metrics["eval_loss"] = loss_sum / tokens
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-        if generation and self.data.task.generation_metrics and self.gen_examples:
-            metrics.update(self._generation_metrics(model, engine))
-        return metrics
+                tokens += float((labels != -100).sum())
+        return loss_sum, tokens
 
-    def _generation_metrics(self, model, engine) -> dict:
+    def _generation_metrics(self, model, engine, task, ex) -> dict:
         from lorafleet.data import clean_prediction, compute_metrics
         from lorafleet.evaluate import generate_with_progress
 
-        ex = self.gen_examples
         per_rank = math.ceil(len(ex) / self.world)
         mine = ex[self.rank * per_rank : (self.rank + 1) * per_rank]
         prompts = [e.prompt for e in mine] + [ex[0].prompt] * (per_rank - len(mine))
         sharded = self.world > 1 and self.cfg.distributed.strategy in ("fsdp", "deepspeed")
         gen_model = engine.module if engine else unwrap(model)
-        outputs = generate_with_progress(gen_model, self.tokenizer, prompts, self.data.task.max_new_tokens,
+        outputs = generate_with_progress(gen_model, self.tokenizer, prompts, task.max_new_tokens,
                                          batch_size=self.cfg.training.eval_batch_size, synced_gpus=sharded,
-                                         show=self.rank == 0, desc="eval generation")[: len(mine)]
+                                         show=self.rank == 0, desc=f"eval generation {task.name}")[: len(mine)]
         if dist.is_initialized():
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, outputs)
             outputs = [o for part in gathered for o in part]
-        outputs = [clean_prediction(self.data.task, o) for o in outputs]
-        scores = compute_metrics(self.data.task, outputs, [e.reference for e in ex])
-        return {f"eval_{k}": v for k, v in scores.items()}
+        outputs = [clean_prediction(task, o) for o in outputs]
+        return compute_metrics(task, outputs, [e.reference for e in ex])

@@ -30,18 +30,25 @@ def resolve_local_paths(cfg: FinetuneConfig) -> FinetuneConfig:
     p = Path(cfg.model.name_or_path).expanduser()
     if p.exists():
         updates["model"] = cfg.model.model_copy(update={"name_or_path": str(p.resolve())})
-    data_updates = {}
-    for field in ("path", "validation_path"):
-        value = getattr(cfg.data, field)
-        if value and Path(value).expanduser().exists():
-            data_updates[field] = str(Path(value).expanduser().resolve())
-        elif value:
-            raise FileNotFoundError(f"data.{field} does not exist: {value} (relative paths are resolved from {Path.cwd()})")
-    if data_updates:
-        updates["data"] = cfg.data.model_copy(update=data_updates)
+    updates["data"] = _absolute_data_paths(cfg.data, "data")
+    if cfg.data.mixture:
+        mixture = [_absolute_data_paths(d, f"data.mixture[{d.metric_prefix()}]") for d in cfg.data.mixture]
+        updates["data"] = updates["data"].model_copy(update={"mixture": mixture})
     updates["output_dir"] = str(cfg.resolved_output_dir())
     updates["checkpoint"] = cfg.checkpoint.model_copy(update={"storage_path": cfg.resolved_storage_path()})
     return cfg.model_copy(update=updates)
+
+
+def _absolute_data_paths(data, where: str):
+    """``data`` (data itself or a mixture's dataset) with its local files as absolute paths; missing ones refused."""
+    data_updates = {}
+    for field in ("path", "validation_path"):
+        value = getattr(data, field)
+        if value and Path(value).expanduser().exists():
+            data_updates[field] = str(Path(value).expanduser().resolve())
+        elif value:
+            raise FileNotFoundError(f"{where}.{field} does not exist: {value} (relative paths are resolved from {Path.cwd()})")
+    return data.model_copy(update=data_updates)
 
 
 def ensure_ray(num_cpus_needed: float) -> None:
@@ -136,11 +143,11 @@ def build_trainer(cfg: FinetuneConfig, tracking: dict | None, callbacks: list | 
 
 def preflight(cfg: FinetuneConfig):
     """Fail fast on the driver, before any worker starts: tokenizer loads and the data is usable."""
-    from lorafleet.data import load_task_data
+    from lorafleet.data.mixture import load_training_data
     from lorafleet.train.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    data = load_task_data(cfg.data, tokenizer=tokenizer)
+    data = load_training_data(cfg.data, tokenizer=tokenizer)
     log.info("data: %d train / %d validation examples, stats %s", len(data.train), len(data.validation), data.stats)
     return data
 
@@ -215,11 +222,11 @@ def _finalise(cfg, result, run_id, data, tags, out: Path, started: float) -> dic
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     from lorafleet.tracking import plot_loss_curve
 
-    curve = plot_loss_curve(state.history, str(out / "loss_curve.png"), title=f"{cfg.run_name} ({cfg.method}, {data.task.name})")
+    curve = plot_loss_curve(state.history, str(out / "loss_curve.png"), title=f"{cfg.run_name} ({cfg.method}, {data.name})")
     res = {
         "run_name": cfg.run_name,
         "method": cfg.method,
-        "task": data.task.name,
+        "task": data.name,
         "base_model": cfg.model.name_or_path,
         "metrics": metrics,
         "adapter_path": str(adapter_dst),
@@ -290,9 +297,9 @@ def push_adapter_to_hub(folder: Path, repo_id: str, private: bool) -> None:
 def _run_tags(cfg: FinetuneConfig, data) -> dict[str, str]:
     from lorafleet.tracking import git_commit
 
-    tags = {"lorafleet.run_name": cfg.run_name, "lorafleet.task": data.task.name, "lorafleet.method": cfg.method,
+    tags = {"lorafleet.run_name": cfg.run_name, "lorafleet.task": data.name, "lorafleet.method": cfg.method,
             "lorafleet.base_model": cfg.model.name_or_path, "lorafleet.dataset_fingerprint": data.fingerprint,
-            **cfg.tracking.tags}
+            **({"lorafleet.mixture": data.describe()} if data.mixture else {}), **cfg.tracking.tags}
     commit = git_commit()
     if commit:
         tags["lorafleet.git_commit"] = commit
@@ -303,9 +310,10 @@ def _version_tags(cfg: FinetuneConfig, data) -> dict[str, str]:
     tm = cfg.lora.target_modules
     return {"base_model": cfg.model.name_or_path, "method": cfg.method, "r": str(cfg.lora.r),
             "lora_alpha": str(cfg.lora.lora_alpha), "target_modules": tm if isinstance(tm, str) else ",".join(tm),
-            "task": data.task.name, "dataset_fingerprint": data.fingerprint,
+            "task": data.name, "dataset_fingerprint": data.fingerprint,
+            **({"mixture": data.describe()} if data.mixture else {}),
             # the template the server applies to chat requests (the adapter's lorafleet_prompt.json, registered with it)
-            **({"prompt_template": template} if (template := data.task.prompt_format()["template"]) else {}), **cfg.tracking.tags}
+            **({"prompt_template": template} if (template := data.prompt_format()["template"]) else {}), **cfg.tracking.tags}
 
 
 def _asdict(obj):

@@ -228,7 +228,7 @@ def _track(ft: FinetuneConfig, s: SweepSettings, rows, result, parent_run_id, ou
     if best and ft.tracking.register_as and best.get("mlflow_run_id"):
         tags = {"sweep": s.name, "sweep_parent_run": parent_run_id or "", "metric": s.metric, "metric_value": str(best["metric"]),
                 **{f"hp.{k}": str(v) for k, v in best["params"].items()},
-                "base_model": ft.model.name_or_path, "method": ft.method, "task": ft.data.task,
+                "base_model": ft.model.name_or_path, "method": ft.method, "task": ft.data.run_task_name(),
                 "r": str(best["config"]["lora"]["r"]), "target_modules": str(best["config"]["lora"]["target_modules"])}
         name, version = register_adapter(ft.tracking, best["mlflow_run_id"], "adapter", tags=tags)
         best["registered_model"], best["registered_version"] = name, str(version)
