@@ -56,7 +56,7 @@ demo: install
 	$(PY) -m lorafleet.demo
 
 test: install
-	$(VENV)/bin/pytest tests -q -ra --timeout=900
+	$(VENV)/bin/pytest tests -q -ra --timeout=900 --durations=25
 
 test-fast: install
 	$(VENV)/bin/pytest tests -q -ra -m "not slow" --timeout=600
