@@ -39,7 +39,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from lorafleet.data import collate_batch, load_task_data, tokenize_examples
+    from lorafleet.data import collate_batch, load_task_data, pack_features, tokenize_examples
 
     cfg = FinetuneConfig.model_validate(loop_config["config"])
     t = cfg.training
@@ -52,6 +52,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokenizer = load_tokenizer(cfg.model)
     data = load_task_data(cfg.data, tokenizer=tokenizer)
     train_feats, train_stats = tokenize_examples(data.train, tokenizer, t.max_seq_length, data.task, t.packing)
+    if t.packing:
+        train_feats = pack_features(train_feats, t.max_seq_length)  # whole examples share rows; validation stays unpacked
+        train_stats["packed_rows"] = len(train_feats)
     val_feats, _ = tokenize_examples(data.validation, tokenizer, t.max_seq_length, data.task, False)
     if not train_feats:
         raise ValueError(f"no training example fits training.max_seq_length={t.max_seq_length} ({train_stats}); raise it")
@@ -194,9 +197,16 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 
     Computed here from the logits, as Transformers' ``ForCausalLMLoss`` does (float32 logits,
     shift by one), so that normalising by a token count of our choosing does not depend on a
-    model's forward accepting ``num_items_in_batch``.
+    model's forward accepting ``num_items_in_batch``. A packed batch (``position_ids``, see
+    ``collate_batch``) goes in without its attention mask.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if "position_ids" in batch:
+        # Packed rows: Transformers keeps attention within each example only without a 2-D attention
+        # mask and without a KV cache (masking_utils._preprocess_mask_arguments); the cache is on by
+        # default (config.use_cache), even in training. Otherwise examples would see each other.
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
