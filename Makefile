@@ -65,6 +65,7 @@ test-fast: install
 # benchmarks/results/<name>.json; summary.py collects them into benchmarks/results/SUMMARY.md.
 bench: install
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/packing.py
 	$(PY) benchmarks/serve_throughput.py
 	$(PY) benchmarks/adapter_scaling.py
 	$(PY) benchmarks/hot_swap.py

@@ -37,6 +37,17 @@ def main() -> int:
         if "qlora_over_lora_speed" in s:
             rows.append(("QLoRA / LoRA (FSDP2): tokens/s, peak memory per worker",
                          f"{s['qlora_over_lora_speed']:.3f}, {s['qlora_over_lora_peak_memory']:.3f}", "-", "-"))
+    k = _load("packing")
+    if k:
+        s, machine = k["summary"], machine or k["machine"]
+        rows.append(("training tokens/s (real tokens), packing on / off, banking77 + DialogSum mixture, 1 CPU worker",
+                     f"{s['ratio_tokens_per_s_packed_over_unpacked']:.2f} (rounds: {', '.join(f'{r:.2f}' for r in s['ratios_per_round'])})",
+                     f">= {s['target']}", _mark(s["met"])))
+        noise = s["eval_loss_seed_spread"]
+        rows.append(("final validation loss, packing on / off (seed-to-seed spread)",
+                     f"{s['eval_loss_packed']:.4f} / {s['eval_loss_unpacked']:.4f} ({noise:.4f})" if noise is not None
+                     else f"{s['eval_loss_packed']:.4f} / {s['eval_loss_unpacked']:.4f}", "difference within the spread",
+                     _mark(s["loss_within_noise"]) if noise is not None else "-"))
     v = _load("serve_throughput")
     if v:
         s, machine = v["summary"], machine or v["machine"]

@@ -26,6 +26,9 @@ def test_unworkable_lora_inits_and_compile_combinations_are_listed_together():
         load_config(FinetuneConfig, CONFIG, ["method=qlora", "lora.init_lora_weights=olora"])
     with pytest.raises(ConfigError, match=r"mixed_precision \(fp16\) needs distributed.use_gpu"):
         load_config(FinetuneConfig, CONFIG, ["training.mixed_precision=fp16"])
+    # Flash attention would let packed examples attend to each other (only eager and sdpa keep them apart).
+    with pytest.raises(ConfigError, match=r"training.packing \(true\) with model.attn_implementation flash_attention_2"):
+        load_config(FinetuneConfig, CONFIG, ["training.packing=true", "model.attn_implementation=flash_attention_2"])
 
 
 @pytest.mark.parametrize("sets", [
@@ -33,7 +36,12 @@ def test_unworkable_lora_inits_and_compile_combinations_are_listed_together():
     ["lora.init_lora_weights=olora", "distributed.strategy=ddp"],
     ["training.torch_compile=true", "distributed.num_workers=1"],
     ["training.mixed_precision=fp16", "distributed.use_gpu=true"],
-], ids=["pissa-fsdp", "olora-ddp", "compile-single-worker", "fp16-gpu"])
+    ["training.packing=true"],
+    ["training.packing=true", "model.attn_implementation=sdpa"],
+    ["training.packing=true", "model.attn_implementation=eager", "data.task=dialogsum"],
+    ["training.packing=true", "model.attn_implementation=flash_attention_2", "data.task=raw_text"],
+], ids=["pissa-fsdp", "olora-ddp", "compile-single-worker", "fp16-gpu", "packing-sft", "packing-sdpa", "packing-eager",
+        "packing-raw-text-flash"])
 def test_workable_options_validate(sets):
     load_config(FinetuneConfig, CONFIG, sets)
 

@@ -140,8 +140,6 @@ def test_a_new_kind_is_one_class_and_runs_through_loading_and_metrics(tmp_path):
         assert [(e.prompt, e.completion, e.reference) for e in examples] == [
             ("Word: card\nReversed:", " drac", "drac"), ("Word: top\nReversed:", " pot", "pot")]
         assert compute_metrics(spec, ["DRAC", "top"], ["drac", "pot"]) == {"exact_match": 0.5}
-        with pytest.raises(ValueError, match="packing is only for kind raw_text"):
-            tokenize_examples(examples, None, 64, spec, packing=True)
         with pytest.raises(ValueError, match="already registered"):
             register_kind(Reverse)
     finally:

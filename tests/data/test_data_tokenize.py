@@ -72,8 +72,9 @@ def test_packing_cuts_equal_blocks_and_drops_the_tail(tokenizer):
     assert stats["tokens_dropped"] == total % 64 and stats["tokens"] == 64 * len(features)
     assert [t for f in features for t in f["input_ids"]] == [t for x in ids for t in x][: 64 * len(features)]
     assert all(f["labels"] == f["input_ids"] for f in features)
-    with pytest.raises(ValueError, match="only for kind raw_text"):
-        tokenize_examples([_ex("Text: a\nLabel:", " b")], tokenizer, 64, "classification", packing=True)
+    # Other kinds keep one feature per example: pack_features packs them whole (tests/data/test_data_packing.py).
+    sft = [_ex("Text: a\nLabel:", " b"), _ex("Text: c\nLabel:", " d")]
+    assert tokenize_examples(sft, tokenizer, 64, "classification", packing=True) == tokenize_examples(sft, tokenizer, 64, "classification")
 
 
 def test_collate_right_pads_with_ignored_labels(tokenizer):

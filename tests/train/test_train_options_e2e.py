@@ -1,7 +1,8 @@
 """One short real run of the job script on the session's Ray (FSDP2, 2 workers, gradient
-accumulation, PiSSA init) on a random tiny base built here: the progress line of each logging
-step reaches the job's output once, with an ETA, and the PiSSA adapter comes out as a plain LoRA
-that the server's validation accepts and that changes the untouched base's outputs."""
+accumulation, PiSSA init, packing) on a random tiny base built here: the progress line of each
+logging step reaches the job's output once, with an ETA, the examples are trained packed into
+fewer rows, and the PiSSA adapter comes out as a plain LoRA that the server's validation accepts
+and that changes the untouched base's outputs."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_pissa_fsdp_run_logs_progress_once_and_exports_a_servable_lora(ray_addre
             "lora.init_lora_weights": "pissa", "lora.r": 4, "lora.lora_alpha": 8, "lora.target_modules": "[q_proj,v_proj]",
             "training.max_steps": 6, "training.logging_steps": 2, "training.per_device_batch_size": 4,
             "training.gradient_accumulation_steps": 2, "training.learning_rate": 0.01, "data.max_eval_samples": 8,
-            "checkpoint.every_n_steps": 100, "tracking.enabled": "false"}
+            "checkpoint.every_n_steps": 100, "tracking.enabled": "false", "training.packing": "true"}
     argv = [sys.executable, "jobs/finetune.py", "--config", "jobs/configs/banking77-lora.yaml"]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
@@ -49,6 +50,9 @@ def test_pissa_fsdp_run_logs_progress_once_and_exports_a_servable_lora(ray_addre
 
     result = json.loads((out / "result.json").read_text())
     assert 0 < result["metrics"]["train_loss"] < 20
+    m = result["metrics"]
+    assert m["data/packed_rows"] < m["data/features"], m  # rows of 128 tokens hold several of the shorter queries
+    assert 0 < m["eval_loss"] < 20
     adapter = out / "adapter"
     conf = json.loads((adapter / "adapter_config.json").read_text())
     assert conf["init_lora_weights"] is True and conf["r"] == 8

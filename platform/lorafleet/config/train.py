@@ -242,7 +242,7 @@ class TrainingConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
     max_seq_length: int = Field(256, ge=8, description="Token limit per example. Longer examples are skipped and counted (never silently truncated into a wrong label).")
-    packing: bool = Field(False, description="Pack several examples into one sequence (raw text only).")
+    packing: bool = Field(False, description="Less padding: whole training examples share rows of up to max_seq_length tokens (best-fit decreasing by length), each with its own labels, position ids restarting at 0 and attention kept within it (eager or sdpa attention; not flash_attention_2). per_device_batch_size then counts rows, so an epoch has fewer steps. Validation stays unpacked. Task raw_text instead concatenates all texts and cuts full blocks (as in pre-training; documents share context).")
     seed: int = Field(42, description="Seed for init, shuffling and dropout.")
     logging_steps: int = Field(10, ge=1, description="Report train metrics every N optimizer steps.")
     eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate every N steps (plus at each epoch end).")
@@ -357,8 +357,13 @@ class FinetuneConfig(StrictModel):
             errors.append("training.torch_compile (true) is not applied under distributed.strategy 'deepspeed' (the "
                           "engine wraps the model after lorafleet would compile it, and ZeRO's parameter hooks are not "
                           "verified with compiled layers here); use strategy fsdp or ddp to compile, or set torch_compile: false")
-        if t.packing and self.data.task != "raw_text":
-            errors.append(f"training.packing (true) is only for data.task raw_text (got {self.data.task!r}): packing would mix prompts and completions across examples")
+        if t.packing and self.model.attn_implementation == "flash_attention_2" and self.data.task != "raw_text":
+            # Transformers' flash path takes example boundaries from position_ids only for one flattened
+            # row (modeling_flash_attention_utils._is_packed_sequence needs batch size 1); for a batch of
+            # packed rows it would attend across the examples of a row without a word.
+            errors.append("training.packing (true) with model.attn_implementation flash_attention_2: packed rows would "
+                          "attend across examples there; use attn_implementation sdpa or eager (or leave it unset), "
+                          "or set packing: false")
         if self.method == "full" and self.tracking.register_as and self.lora.modules_to_save:
             errors.append("lora.modules_to_save is meaningless with method full")
         if errors:

@@ -13,10 +13,10 @@ from lorafleet.data.loading import TaskData, load_eval_examples, load_task_data,
 from lorafleet.data.metrics import METRICS, compute_metrics, normalize_answer
 from lorafleet.data.rows import Example
 from lorafleet.data.tasks import BadRow, TaskKind, TaskSpec, get_task, list_tasks, register_kind, register_task
-from lorafleet.data.tokenize import IGNORE_INDEX, collate_batch, encode_prompts, tokenize_examples
+from lorafleet.data.tokenize import IGNORE_INDEX, collate_batch, encode_prompts, pack_features, tokenize_examples
 
 __all__ = [
     "IGNORE_INDEX", "METRICS", "BadRow", "Example", "TaskData", "TaskKind", "TaskSpec", "clean_prediction", "collate_batch",
     "compute_metrics", "encode_prompts", "evaluate_generation", "generate_completions", "get_task", "list_tasks",
-    "load_eval_examples", "load_task_data", "normalize_answer", "read_rows", "register_kind", "register_task", "tokenize_examples",
+    "load_eval_examples", "load_task_data", "normalize_answer", "pack_features", "read_rows", "register_kind", "register_task", "tokenize_examples",
 ]

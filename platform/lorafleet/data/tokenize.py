@@ -7,20 +7,26 @@ on the completion and eos only), except for ``raw_text`` where ``labels == input
 A conversation (``Example.segments``) is tokenised piece by piece the same way: labels on
 the trained assistant turns (and the eos after the last one), ``-100`` on everything else.
 
+With packing, whole features share rows of ``max_seq_length`` tokens (:func:`pack_features`):
+each keeps its labels, its ``position_ids`` restart at 0, and Transformers keeps attention
+within each one (see :func:`collate_batch`).
+
 Example::
 
     features, stats = tokenize_examples(data.train, tokenizer, max_seq_length=256, kind="classification")
     batch = collate_batch(features[:8], tokenizer.pad_token_id)   # input_ids, attention_mask, labels
+    rows = pack_features(features, max_seq_length=256)           # fewer rows, each with position_ids
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Any, Optional, Sequence
 
 import torch
 
-from lorafleet.data.tasks import KINDS, task_kind
+from lorafleet.data.tasks import task_kind
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +114,13 @@ def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind:
     truncated completion would teach a wrong answer. A conversation that does not fit keeps its
     first whole trained turns (``stats["truncated_conversations"]``), or is skipped if none fits. ``raw_text`` lines are truncated instead
     (``stats["truncated"]``), or, with ``packing``, all texts (each followed by eos) are
-    concatenated and cut into blocks of ``max_seq_length`` (the last partial block dropped).
-    ``kind``: the task (or its kind's name). Stats also give ``examples``, ``features``, ``tokens``
-    (in the features) and ``target_tokens`` (those with a label).
+    concatenated and cut into blocks of ``max_seq_length`` (the last partial block dropped), as in
+    pre-training. ``packing`` changes nothing for other kinds: their features stay one per example,
+    to be packed whole by :func:`pack_features` (after tokenising, so that examples of several
+    tasks can share rows). ``kind``: the task (or its kind's name). Stats also give ``examples``,
+    ``features``, ``tokens`` (in the features) and ``target_tokens`` (those with a label).
     """
     whole_text = task_kind(kind).trains_whole_text
-    if packing and not whole_text:
-        packable = ", ".join(name for name, cls in KINDS.items() if cls.trains_whole_text)
-        raise ValueError(f"packing is only for kind {packable} (got {task_kind(kind).kind!r}): it would mix prompts and "
-                         "completions of different examples; set training.packing: false")
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
     eos = _eos_id(tokenizer)
@@ -171,22 +175,92 @@ def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind:
     return features, stats
 
 
+def pack_features(features: list[dict[str, list[int]]], max_seq_length: int) -> list[dict[str, list[int]]]:
+    """Whole features packed into rows of at most ``max_seq_length`` tokens, for less padding.
+
+    Best-fit decreasing: longest feature first, each into the fullest row it still fits in
+    (ties: the earlier row), else a new row. It depends only on the lengths and their order, so
+    every rank packs the same feature list into the same rows. A row is ``{"input_ids",
+    "labels", "position_ids"}``: each feature keeps its labels, except its first token, which
+    carries none (it would be predicted from the previous feature's last token), and its
+    ``position_ids`` restart at 0, so that :func:`collate_batch` and Transformers keep attention
+    within each feature. A feature on its own needs no label on its first token either (nothing
+    predicts position 0), so packed and unpacked features train the same target tokens.
+
+    Example::
+
+        rows = pack_features([{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]},
+                              {"input_ids": [1, 7], "labels": [1, 7]}], max_seq_length=8)
+        # [{"input_ids": [1, 5, 6, 1, 7], "labels": [-100, 5, 6, -100, 7], "position_ids": [0, 1, 2, 0, 1]}]
+    """
+    for i, f in enumerate(features):
+        if len(f["input_ids"]) > max_seq_length:
+            raise ValueError(f"feature {i} has {len(f['input_ids'])} tokens, more than max_seq_length={max_seq_length}; "
+                             "tokenize_examples skips such examples (tokenise with the same max_seq_length)")
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))  # stable: ties keep order
+    rows: list[list[int]] = []  # indices of the features in each row
+    free: list[tuple[int, int]] = []  # (tokens left, row), sorted
+    for i in order:
+        n = len(features[i]["input_ids"])
+        at = bisect.bisect_left(free, (n, -1))  # the row with the fewest tokens left that still fit n
+        if at < len(free):
+            left, row = free.pop(at)
+        else:
+            left, row = max_seq_length, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if left > n:
+            bisect.insort(free, (left - n, row))
+    packed = []
+    for members in rows:
+        input_ids, labels, position_ids = [], [], []
+        for i in members:
+            f = features[i]
+            input_ids += f["input_ids"]
+            labels += [IGNORE_INDEX] + list(f["labels"][1:])
+            position_ids += range(len(f["input_ids"]))
+        packed.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids})
+    return packed
+
+
 def collate_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad features into ``input_ids``/``attention_mask``/``labels`` tensors of shape [batch, longest]
-    (labels padded with -100, so padding carries no loss)."""
+    (labels padded with -100, so padding carries no loss; ``attention_mask`` is 1 on real tokens).
+
+    Packed rows (features with ``position_ids``, from :func:`pack_features`) also give
+    ``position_ids``, restarting at 0 on the padding as if it were one more feature. Such a batch
+    must reach the model with ``position_ids``, *without* ``attention_mask`` and with
+    ``use_cache=False`` (``token_loss_sum`` in the training loop does so): Transformers then builds
+    a causal mask that keeps each feature's attention within itself (``find_packed_sequence_indices``
+    in ``transformers/masking_utils.py``, used for eager and sdpa attention only when there is
+    neither a 2-D attention mask nor a KV cache); otherwise every token sees the earlier features
+    of its row.
+    """
     if not features:
         raise ValueError("collate_batch got no features; a batch needs at least one")
     if pad_token_id is None:
         raise ValueError("pad_token_id is None; give the tokenizer a pad token (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+    packed = sum("position_ids" in f for f in features)
+    if packed not in (0, len(features)):
+        raise ValueError(f"{packed} of {len(features)} features have position_ids (packed rows) and the others not; "
+                         "collate packed rows and single features in separate batches")
     longest = max(len(f["input_ids"]) for f in features)
     input_ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
     labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(features), longest), dtype=torch.long) if packed else None
     for row, f in enumerate(features):
         n = len(f["input_ids"])
-        if len(f["labels"]) != n:
-            raise ValueError(f"feature {row} has {n} input_ids but {len(f['labels'])} labels; they must match")
+        if len(f["labels"]) != n or (packed and len(f["position_ids"]) != n):
+            raise ValueError(f"feature {row} has {n} input_ids but {len(f['labels'])} labels"
+                             + (f" and {len(f['position_ids'])} position_ids" if packed else "") + "; they must match")
         input_ids[row, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(f["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if packed:
+            position_ids[row, :n] = torch.tensor(f["position_ids"], dtype=torch.long)
+            position_ids[row, n:] = torch.arange(longest - n)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if packed:
+        batch["position_ids"] = position_ids
+    return batch

@@ -39,7 +39,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from lorafleet.data import collate_batch, tokenize_examples
+    from lorafleet.data import collate_batch, pack_features, tokenize_examples
     from lorafleet.data.mixture import load_training_data, training_features
 
     cfg = FinetuneConfig.model_validate(loop_config["config"])
@@ -53,6 +53,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokenizer = load_tokenizer(cfg.model)
     data = load_training_data(cfg.data, tokenizer=tokenizer)
     train_feats, train_stats = training_features(data, tokenizer, t.max_seq_length, t.packing, seed=t.seed)
+    if t.packing:
+        # Whole examples (a mixture's, once drawn) share rows; validation stays unpacked.
+        train_feats = pack_features(train_feats, t.max_seq_length)
+        train_stats["packed_rows"] = len(train_feats)
     val_feats = [tokenize_examples(p.data.validation, tokenizer, t.max_seq_length, p.task, False)[0] for p in data.parts]
     if not train_feats:
         raise ValueError(f"no training example fits training.max_seq_length={t.max_seq_length} ({train_stats}); raise it")
@@ -195,9 +199,16 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 
     Computed here from the logits, as Transformers' ``ForCausalLMLoss`` does (float32 logits,
     shift by one), so that normalising by a token count of our choosing does not depend on a
-    model's forward accepting ``num_items_in_batch``.
+    model's forward accepting ``num_items_in_batch``. A packed batch (``position_ids``, see
+    ``collate_batch``) goes in without its attention mask.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if "position_ids" in batch:
+        # Packed rows: Transformers keeps attention within each example only without a 2-D attention
+        # mask and without a KV cache (masking_utils._preprocess_mask_arguments); the cache is on by
+        # default (config.use_cache), even in training. Otherwise examples would see each other.
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
