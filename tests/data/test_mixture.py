@@ -96,6 +96,14 @@ def test_bad_mixture_configs_are_refused_with_the_way_out(data, message):
         validate_config(FinetuneConfig, {"model": {"name_or_path": "m"}, "data": data})
 
 
+def test_a_mixture_config_survives_its_own_dump(tmp_path):
+    """Ray workers re-validate the driver's dumped config, every field included."""
+    cfg = validate_config(FinetuneConfig, {"model": {"name_or_path": "m"}, "data": mixture_cfg(tmp_path, seed=3).model_dump()})
+    again = FinetuneConfig.model_validate(cfg.model_dump())
+    assert again == cfg and [d.seed for d in again.data.mixture] == [3, 3, 3]
+    assert again.data.mixture[1].max_eval_samples == 5 and again.data.run_task_name() == "banking77+dialogsum+claims"
+
+
 def test_a_dataset_that_cannot_load_is_named(tmp_path):
     cfg = DataConfig(mixture=[{"task": "banking77", "path": str(BANKING_CSV), "max_train_samples": 50},
                               {"task": "dialogsum", "path": str(tmp_path / "missing.jsonl")}])

@@ -198,7 +198,9 @@ class DataConfig(DatasetConfig):
                 raise ValueError("data.mixture_size is the size of a task mixture; set data.mixture, or remove mixture_size")
             return DatasetConfig._task_and_format(self)
         errors = []
-        own = sorted(set(self.model_fields_set) - set(MIXTURE_SHARED_FIELDS) - {"mixture", "mixture_size"})
+        # Set to something other than its default (a dumped config carries every field, defaults included).
+        own = sorted(k for k, f in DatasetConfig.model_fields.items()
+                     if k not in MIXTURE_SHARED_FIELDS and getattr(self, k) != f.get_default(call_default_factory=True))
         if own:
             errors.append(f"data.{', data.'.join(own)} belong(s) to each dataset of data.mixture, not to data itself; "
                           "move them into the mixture's entries")
