@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from starlette._utils import get_route_path
-
 from lorafleet.serve.errors import OpenAIError, bad_request
 
 REFUSED_FIELDS = ("kv_transfer_params", "ec_transfer_params")
@@ -42,7 +40,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         state = scope["app"].state if "app" in scope else None
         limit: Optional[int] = getattr(state, "max_body_bytes", None)
-        if limit is None or get_route_path(scope) in getattr(state, "streamed_bodies", ()):  # such a route bounds its body itself
+        path, root = scope["path"], scope.get("root_path", "")  # the route's path within the app (Serve mounts it at a prefix)
+        if limit is None or (path[len(root):] if root and path.startswith(root) else path) in getattr(state, "streamed_bodies", ()):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
