@@ -44,7 +44,7 @@ files_table = sa.Table(
     sa.Column("bytes", sa.BigInteger, nullable=False),
     sa.Column("purpose", sa.String(32), nullable=False),
     sa.Column("sha256", sa.String(64), nullable=False),
-    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),  # seconds, sub-second: newest first stays exact
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("status_details", sa.Text, nullable=True),
 )
@@ -58,13 +58,13 @@ class FileRecord:
     bytes: int
     purpose: str
     sha256: str
-    created_at: int
+    created_at: float
     status: str
     status_details: Optional[str]
 
     def openai(self) -> dict:
         """The file as OpenAI's ``FileObject``."""
-        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at, "filename": self.filename,
+        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": int(self.created_at), "filename": self.filename,
                 "purpose": self.purpose, "status": self.status, "status_details": self.status_details, "expires_at": None}
 
 
@@ -154,7 +154,7 @@ class FileStore:
     def commit(self, upload: Upload, filename: str, purpose: str) -> FileRecord:
         """Record a checked upload within the tenant's quotas (429 otherwise, the upload discarded)."""
         upload.close()
-        record = FileRecord(upload.id, upload.tenant_id, filename, upload.bytes, purpose, upload.sha256, int(time.time()), "processed", None)
+        record = FileRecord(upload.id, upload.tenant_id, filename, upload.bytes, purpose, upload.sha256, time.time(), "processed", None)
         final = self.path(record)
         try:
             with self.engine.begin() as conn:

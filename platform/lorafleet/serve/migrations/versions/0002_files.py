@@ -24,7 +24,7 @@ def upgrade() -> None:
         sa.Column("bytes", sa.BigInteger, nullable=False),
         sa.Column("purpose", sa.String(32), nullable=False),
         sa.Column("sha256", sa.String(64), nullable=False),
-        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),  # seconds, sub-second: newest first stays exact
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("status_details", sa.Text, nullable=True),
     )
