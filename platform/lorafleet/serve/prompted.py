@@ -48,8 +48,10 @@ def chat_response(result):
     choices = [ChatCompletionResponseChoice(index=c.index, message=ChatMessage(role="assistant", content=c.text),
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason, token_ids=c.token_ids)
                for c in result.choices]
+    # return_token_ids: a completion gives the prompt's ids per choice, a chat response once beside them
+    prompt_ids = next((c.prompt_token_ids for c in result.choices if c.prompt_token_ids is not None), None)
     return ChatCompletionResponse(id=_chat_id(result.id), created=result.created, model=result.model, choices=choices,
-                                  usage=result.usage)
+                                  usage=result.usage, prompt_token_ids=prompt_ids)
 
 
 async def chat_chunks(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -64,13 +66,19 @@ async def chat_chunks(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         if body.get("object") != "text_completion":
             yield chunk
             continue
-        choices = []
+        choices, prompt_ids = [], None
         for c in body.get("choices", []):
             delta = {"content": c["text"]} if c["index"] in opened else {"role": "assistant", "content": c["text"]}
             opened.add(c["index"])
-            choices.append({"index": c["index"], "delta": delta, "logprobs": None,
-                            "finish_reason": c.get("finish_reason"), "stop_reason": c.get("stop_reason")})
+            prompt_ids = prompt_ids or c.get("prompt_token_ids")
+            choice = {"index": c["index"], "delta": delta, "logprobs": None,
+                      "finish_reason": c.get("finish_reason"), "stop_reason": c.get("stop_reason")}
+            if c.get("token_ids") is not None:  # return_token_ids: this chunk's new tokens
+                choice["token_ids"] = c["token_ids"]
+            choices.append(choice)
         body.update(id=_chat_id(body.get("id", "")), object="chat.completion.chunk", choices=choices)
+        if prompt_ids is not None:  # return_token_ids: the first chunk carries the prompt's ids, as in vLLM's chat stream
+            body["prompt_token_ids"] = prompt_ids
         yield f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
