@@ -112,9 +112,9 @@ def client(task_adapters, served):
     return openai.OpenAI(base_url=f"{served.url}/v1", api_key=key, max_retries=2, timeout=120)
 
 
-def ask_and_compare(client, base: Path, adapter: TaskAdapter, offline: list[str]) -> dict:
+def ask_and_compare(client, base: Path, adapter: TaskAdapter, offline: list[str], metric: str) -> dict:
     """Ask every held-out row over HTTP chat and hold the answers against ``offline`` (lorafleet eval's
-    predictions, in row order): the figures for the report, after the checks described in the module doc."""
+    predictions, in row order), with the checks described in the module doc; the figures are printed first."""
     from transformers import AutoTokenizer
 
     from lorafleet.data import clean_prediction, encode_prompts
@@ -129,29 +129,38 @@ def ask_and_compare(client, base: Path, adapter: TaskAdapter, offline: list[str]
 
     with ThreadPoolExecutor(4) as pool:  # the app's max_num_seqs
         answers = list(pool.map(ask, examples))
-    for e, chat, ids in zip(examples, answers, encode_prompts(tok, [e.prompt for e in examples])):
-        # the chat request ran exactly the prompt tokens lorafleet eval generates from
-        assert chat.model == name and chat.prompt_token_ids == ids, (e.input, tok.decode(chat.prompt_token_ids or []), e.prompt)
+    eval_ids = encode_prompts(tok, [e.prompt for e in examples])  # what lorafleet eval (and training) feed the model
+    other_prompt = [i for i, chat in enumerate(answers) if chat.prompt_token_ids != eval_ids[i]]
     served = [clean_prediction(spec, chat.choices[0].message.content) for chat in answers]
     differing = [i for i, (ours, theirs) in enumerate(zip(served, offline)) if ours != theirs]
+    references = [e.reference for e in examples]
+    figures = {"http": spec.compute_metrics(served, references), "eval": spec.compute_metrics(offline, references),
+               "rows": len(examples), "differing": len(differing), "other_prompt_tokens": len(other_prompt)}
+    print(f"\n{name} {metric}: over HTTP chat {figures['http'][metric]:.4f}, lorafleet eval {figures['eval'][metric]:.4f}; "
+          f"rows answered differently {len(differing)} of {len(examples)}; rows served other prompt tokens {len(other_prompt)}")
+
+    assert all(chat.model == name for chat in answers)
+    first = other_prompt[0] if other_prompt else None
+    assert first is None, (f"{name}: {len(other_prompt)} of {len(examples)} chat requests ran other prompt tokens than "
+                           f"lorafleet eval; e.g. {examples[first].input!r} ran {answers[first].prompt_token_ids} "
+                           f"({tok.decode(answers[first].prompt_token_ids or [])!r}), eval runs {eval_ids[first]} "
+                           f"({tok.decode(eval_ids[first])!r})")
     for i in differing:
-        prompt = examples[i].prompt
-        offline_ids = offline_greedy(base, adapter.folder, [prompt], spec.max_new_tokens)[prompt]
+        # the prompt exactly as lorafleet eval tokenises it (bos included), for Transformers on one row
+        prompt = tok.decode(eval_ids[i])
+        assert tok(prompt, add_special_tokens=False).input_ids == eval_ids[i], prompt
+        offline_ids = offline_greedy(base, adapter.folder, [prompt], spec.max_new_tokens, add_special_tokens=False)[prompt]
         assert clean_prediction(spec, tok.decode(offline_ids, skip_special_tokens=True)) == offline[i], (
             f"lorafleet eval's batched answer {offline[i]!r} is not Transformers' own on {prompt!r}")
-        tie, detail = near_tie(base, adapter.folder, prompt, answers[i].choices[0].token_ids, offline_ids)
+        tie, detail = near_tie(base, adapter.folder, prompt, answers[i].choices[0].token_ids, offline_ids, add_special_tokens=False)
         assert tie, f"{name} on {prompt!r}: over HTTP {served[i]!r}, lorafleet eval {offline[i]!r}; {detail}"
         warnings.warn(f"{name} on {prompt!r}: over HTTP {served[i]!r} vs lorafleet eval {offline[i]!r} at a near-tie ({detail})")
-    references = [e.reference for e in examples]
-    return {"http": spec.compute_metrics(served, references), "eval": spec.compute_metrics(offline, references),
-            "rows": len(examples), "differing": len(differing)}
+    return figures
 
 
 def assert_same_score(figures: dict, metric: str) -> None:
     """Equal metrics (all of them when no row differs); each near-tie row may move a per-row mean by at most 1/rows."""
     http, offline = figures["http"][metric], figures["eval"][metric]
-    print(f"\n{metric}: over HTTP chat {http:.4f}, lorafleet eval {offline:.4f}; rows differing at near-ties "
-          f"{figures['differing']} of {figures['rows']}")
     assert 0 < offline < 1, f"{metric} {offline} on the held-out rows: the comparison needs some right and some wrong answers"
     assert abs(http - offline) <= figures["differing"] / figures["rows"] + 1e-9, figures
     if not figures["differing"]:
@@ -169,7 +178,7 @@ def test_banking77_accuracy_over_http_chat_equals_lorafleet_eval(client, serve_a
                               predictions=str(predictions), device="cpu", dtype="float32")
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert [r["input"] for r in rows] == [e.input for e in adapter.data.validation]
-    figures = ask_and_compare(client, serve_assets.base, adapter, [r["prediction"] for r in rows])
+    figures = ask_and_compare(client, serve_assets.base, adapter, [r["prediction"] for r in rows], "accuracy")
     assert figures["eval"]["accuracy"] == pytest.approx(result["accuracy"])
     assert_same_score(figures, "accuracy")
 
@@ -183,7 +192,7 @@ def test_summary_rouge_l_over_http_chat_equals_lorafleet_eval(client, serve_asse
     adapter = task_adapters["summary"]
     model, tok = load_for_inference(str(serve_assets.base), str(adapter.folder), "cpu", torch.float32)
     metrics, records = evaluate_generation(model, tok, adapter.data.task, adapter.data.validation, batch_size=32)
-    figures = ask_and_compare(client, serve_assets.base, adapter, [r["prediction"] for r in records])
+    figures = ask_and_compare(client, serve_assets.base, adapter, [r["prediction"] for r in records], "rouge_l")
     assert figures["eval"]["rouge_l"] == pytest.approx(metrics["rouge_l"])
     assert_same_score(figures, "rouge_l")
 
