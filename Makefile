@@ -75,7 +75,7 @@ bench: install
 # overload / replica kill / disconnects, a Ray node lost (two-node cluster, training and serving), fuzzing, hostile adapters and requests, isolation, secrets.
 # Each scenario records a row; tests/reliability_report.py turns them into docs/reliability.md.
 RELIABILITY_WORK := lorafleet-work/reliability
-RELIABILITY_TESTS := tests/serve/test_reliability.py tests/serve/test_tenants.py tests/serve/test_tenant_sources.py tests/serve/test_validation.py \
+RELIABILITY_TESTS := tests/serve/test_reliability.py tests/serve/test_tenants.py tests/serve/test_files_api.py tests/serve/test_tenant_sources.py tests/serve/test_validation.py \
 	tests/train/test_fault_tolerance.py tests/tune/test_sweep.py tests/config tests/serve/test_serve_config.py \
 	tests/train/test_checkpoint_fallback.py tests/tracking/test_training_tracking_outage.py tests/cluster/test_security.py \
 	tests/cluster/test_node_loss.py

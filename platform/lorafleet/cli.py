@@ -19,6 +19,7 @@ import logging
 import sys
 
 from lorafleet.config.base import ConfigError
+from lorafleet.ftapi.cli import add_file_commands
 from lorafleet.serve.manage_cli import add_adapter_api_commands, add_tenant_commands
 
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.set_defaults(func=_adapters_list)
     add_adapter_api_commands(a)
     add_tenant_commands(sub)
+    add_file_commands(sub)
 
     sv = sub.add_parser("serve", help="run the multi-LoRA server on a local Ray (blocks; Ctrl-C stops it)")
     sv.add_argument("--config", required=True, help="Serve YAML (serve/*.yaml) or a bare ServeConfig file")

@@ -196,6 +196,9 @@ def test_read_rows_formats_and_folders(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{oops\n')
     with pytest.raises(ValueError, match="line 2 of .*broken.jsonl is not valid JSON"):
         read_rows(tmp_path / "broken.jsonl")
+    # a JSON line ends at \n only: U+2028 / U+0085 inside a string (valid unescaped JSON) do not split it
+    (tmp_path / "separators.jsonl").write_text('{"text": "a\u2028b\u0085c"}\r\n\n{"text": "d"}\n', encoding="utf-8")
+    assert read_rows(tmp_path / "separators.jsonl") == [{"text": "a\u2028b\u0085c"}, {"text": "d"}]
 
 
 def test_load_eval_examples_keeps_file_order_and_limit(tmp_path):

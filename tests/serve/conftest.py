@@ -127,6 +127,8 @@ def served(serve_assets, mlflow_adapter, tmp_path_factory, ray_cluster):
         limits={"max_tokens": TOKEN_CAP, "max_body_bytes": 65536, "max_queued_requests": 8},
         tenancy={"state_dir": str(tmp_path_factory.mktemp("serve-state")), "admin_key": ADMIN_KEY, "allow_anonymous": True,
                  "poll_interval_s": 0.5, "max_adapter_bytes": 20 * 2**20},
+        # uploads past limits.max_body_bytes (64 KiB) but small enough to reach every quota in seconds
+        files={"max_file_bytes": 256 * 1024, "max_line_bytes": 16 * 1024, "max_files": 4, "max_total_bytes": 512 * 1024},
     )
 
     closed = []

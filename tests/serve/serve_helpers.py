@@ -122,6 +122,34 @@ def train_adapter(base: Path, out: Path, target: str, queries: list[str], seed: 
     model.save_pretrained(out)
 
 
+def train_task_adapter(base: Path, out: Path, data, steps: int, seed: int = 0, lr: float = 1e-2) -> Path:
+    """A LoRA adapter trained on ``data`` (a lorafleet ``TaskData``) as lorafleet trains: the task's prompt +
+    completion with completion-only labels (``tokenize_examples``) in right-padded batches (``collate_batch``),
+    saved with ``lorafleet_prompt.json`` from the task's ``prompt_format()``, as a trained adapter's folder holds it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafleet.data import collate_batch, tokenize_examples
+    from lorafleet.data.prompt_format import write_prompt_format
+
+    tok = AutoTokenizer.from_pretrained(base)
+    features, _ = tokenize_examples(data.train, tok, MAX_MODEL_LEN, data.task)
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        model(**collate_batch(rng.sample(features, 16), tok.pad_token_id)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    write_prompt_format(out, data.task.prompt_format())
+    return out
+
+
 def offline_greedy(base: Path, adapter: Path | None, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
                    add_special_tokens: bool = True) -> dict[str, list[int]]:
     """Greedy completion token ids by PEFT + Transformers (stops at EOS, which is kept, like vLLM)."""

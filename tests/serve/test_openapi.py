@@ -75,3 +75,14 @@ def test_operations_carry_auth_and_error_shape(document):
     assert paths["/admin/tenants"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/TenantCreate")
     error = document["components"]["schemas"]["Error"]
     assert error["properties"]["error"]["required"] == ["message", "type"]
+
+
+def test_files_routes_publish_openais_file_objects(document):
+    """/v1/files takes OpenAI's multipart upload and answers the `openai` package's own FileObject / FileDeleted."""
+    paths, schemas = document["paths"], document["components"]["schemas"]
+    upload = paths["/v1/files"]["post"]
+    assert upload["requestBody"]["content"]["multipart/form-data"]["schema"]["required"] == ["file", "purpose"]
+    assert upload["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/FileObject")
+    assert paths["/v1/files/{file_id}"]["delete"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/FileDeleted")
+    assert {"/v1/files/{file_id}", "/v1/files/{file_id}/content"} <= set(paths) and upload["security"] == [{"bearer": []}]
+    assert {"id", "bytes", "created_at", "filename", "purpose", "status"} <= set(schemas["FileObject"]["required"])

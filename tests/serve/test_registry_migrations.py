@@ -124,3 +124,47 @@ def test_replicas_opening_a_new_registry_together_all_succeed(tmp_path):
     assert opened[-1].get_tenant("acme").id == tenant.id
     for reg in opened:
         reg.close()
+
+
+def _registry_at(url: str, revision: str):
+    """A registry as the code of ``revision`` left it: that schema, filled through the API (no upgrade past it)."""
+    engine = sa.create_engine(url)
+    migrations.upgrade(engine, revision)
+    old = Registry.__new__(Registry)
+    old.url, old.engine = url, engine
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO lorafleet_meta (key, value) VALUES ('generation', 0)"))
+    tenant, key = old.create_tenant("acme", True, {"requests_per_minute": 60})
+    old.add_adapter(tenant.id, "intent", AdapterVersion("models:/acme~intent/1", "/c/a", "a" * 64, 16, 10))
+    return engine, tenant, key
+
+
+def _upgrades_with_files(url: str, tmp_path) -> None:
+    from lorafleet.ftapi.config import FileSettings
+    from lorafleet.ftapi.files import FileStore
+
+    engine, tenant, key = _registry_at(url, "0001")
+    assert not sa.inspect(engine).has_table("lorafleet_files")
+    reg = Registry(url)  # what a server does at start-up
+    assert migrations.current(reg.engine) == migrations.head()
+    assert reg.authenticate(key.secret).name == "acme" and reg.adapter(tenant.id, "intent").version == 1
+    store = FileStore(reg.engine, tmp_path / "files", FileSettings())
+    upload = store.begin(tenant.id)
+    upload.write(b'{"prompt": "a", "completion": "b"}\n')
+    record = store.commit(upload, "a.jsonl", "fine-tune")
+    assert store.list(tenant.id)[0] == [record] and store.get(tenant.id, record.id).bytes == 35
+    reg.close()
+    engine.dispose()
+
+
+def test_a_sqlite_registry_of_0001_gains_the_files_table_in_place(tmp_path):
+    _upgrades_with_files(f"sqlite:///{tmp_path}/registry.db", tmp_path)
+    # the upgraded schema is the one a new registry gets
+    fresh = Registry(f"sqlite:///{tmp_path}/fresh.db")
+    assert _schema(fresh.engine) == _schema(sa.create_engine(f"sqlite:///{tmp_path}/registry.db"))
+    fresh.close()
+
+
+@pytest.mark.postgres
+def test_a_postgresql_registry_of_0001_gains_the_files_table_in_place(postgres_db, tmp_path):
+    _upgrades_with_files(postgres_db, tmp_path)

@@ -174,7 +174,8 @@ def test_streaming_agrees_with_non_streaming(http, served, serve_assets, model):
 
 def test_chat_to_an_adapter_with_a_prompt_format_gets_its_training_prompt(http, served, serve_assets):
     """A copy of gamma carrying lorafleet_prompt.json ("{text}\nintent:", how the test adapters were trained):
-    chat with the user's plain text answers exactly as /v1/completions on the rendered prompt, streamed or not;
+    chat with the user's plain text answers exactly as /v1/completions on the rendered prompt's training tokens
+    (bos + prompt), streamed or not;
     gamma itself (no file) still gets the chat template; a malformed file is refused at registration."""
     import shutil
 
@@ -199,6 +200,15 @@ def test_chat_to_an_adapter_with_a_prompt_format_gets_its_training_prompt(http, 
     raw = http.post("/v1/completions", headers=auth, json={"model": "gamma-prompted", "prompt": prompt, "max_tokens": MAX_NEW_TOKENS,
                                                            "temperature": 0}).json()
     assert_matches_offline(serve_assets, "gamma", prompt, raw["choices"][0]["text"])
+    # chat runs the rendered prompt as training encodes it (bos + prompt), which the text prompt above lacks
+    from transformers import AutoTokenizer
+
+    from lorafleet.data import encode_prompts
+
+    trained_ids = encode_prompts(AutoTokenizer.from_pretrained(serve_assets.base), [prompt])[0]
+    trained = http.post("/v1/completions", headers=auth, json={"model": "gamma-prompted", "prompt": trained_ids,
+                                                               "max_tokens": MAX_NEW_TOKENS, "temperature": 0}).json()
+    assert trained["usage"]["prompt_tokens"] == len(trained_ids)
     chat = {"model": "gamma-prompted", "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
             "messages": [{"role": "system", "content": "ignored"}, {"role": "user", "content": "an earlier turn"},
                          {"role": "assistant", "content": "ok"}, {"role": "user", "content": text}]}
@@ -207,16 +217,16 @@ def test_chat_to_an_adapter_with_a_prompt_format_gets_its_training_prompt(http, 
     body = whole.json()
     assert body["object"] == "chat.completion" and body["model"] == "gamma-prompted" and body["id"].startswith("chatcmpl-")
     message = body["choices"][0]["message"]
-    assert (message["role"], message["content"]) == ("assistant", raw["choices"][0]["text"])
-    assert body["choices"][0]["finish_reason"] == raw["choices"][0]["finish_reason"] and body["usage"] == raw["usage"]
+    assert (message["role"], message["content"]) == ("assistant", trained["choices"][0]["text"])
+    assert body["choices"][0]["finish_reason"] == trained["choices"][0]["finish_reason"] and body["usage"] == trained["usage"]
     chunks = read_sse(http.post("/v1/chat/completions", headers=auth, json={**chat, "stream": True}))
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "gamma-prompted" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == raw["choices"][0]["text"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == trained["choices"][0]["text"]
     # the completion route stays raw: the user's text alone is not the training prompt
     bare = http.post("/v1/completions", headers=auth, json={"model": "gamma-prompted", "prompt": text, "max_tokens": MAX_NEW_TOKENS,
                                                             "temperature": 0}).json()
-    assert bare["usage"]["prompt_tokens"] < raw["usage"]["prompt_tokens"]
+    assert bare["usage"]["prompt_tokens"] < trained["usage"]["prompt_tokens"]
 
     plain = http.post("/v1/chat/completions", json={**chat, "model": "gamma", "messages": serve_assets.chat_messages}).json()
     assert_matches_offline(serve_assets, "gamma", serve_assets.chat_prompt, plain["choices"][0]["message"]["content"], add_special_tokens=False)

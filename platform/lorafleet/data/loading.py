@@ -82,7 +82,9 @@ def read_rows(path: Union[str, Path], text_column: str = "text") -> list[dict]:
         except json.JSONDecodeError:
             pass  # a .json file holding JSON lines
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSON lines end at \n only: str.splitlines also breaks at U+2028, U+0085..., which JSON strings may hold
+    # unescaped (the files API checks uploads with this numbering).
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -27,6 +27,7 @@ from typing import Iterable, Literal, Optional
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from lorafleet.config.base import ConfigError, StrictModel, apply_overrides, read_yaml, validate_config
+from lorafleet.ftapi.config import FileSettings
 
 # vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -286,6 +287,8 @@ class ServeConfig(StrictModel):
     download_adapters_at_start: bool = Field(True, description="Resolve (download and check) every adapter when a replica starts, so a bad source fails the deploy. false: on first use (many large adapters).")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits and the queue bound.")
     tenancy: TenancySettings = Field(default_factory=TenancySettings, description="Tenants, API keys, runtime adapters (hot-swap) and quotas.")
+    files: FileSettings = Field(default_factory=FileSettings, description="Training files tenants upload (/v1/files), kept under <tenancy.state_dir>/files "
+                                "(on a multi-node cluster, a filesystem every node mounts): limits and per-tenant quotas.")
 
     @field_validator("adapters")
     @classmethod
@@ -329,15 +332,17 @@ class ServeConfig(StrictModel):
         limit = self.engine.max_loras - 1
         return limit if self.tenancy.max_pinned is None else self.tenancy.max_pinned
 
+    def state_path(self) -> Path:
+        """The server's state dir (the default SQLite registry, uploaded files)."""
+        from lorafleet.config.train import default_work_dir
+
+        return (Path(self.tenancy.state_dir).expanduser() if self.tenancy.state_dir else default_work_dir() / "serve" / "state").resolve()
+
     def registry_url(self) -> str:
         """The registry's SQLAlchemy URL (default: SQLite in the state dir)."""
-        from lorafleet.config.train import default_work_dir
         from lorafleet.serve.registry import default_registry_url
 
-        if self.tenancy.registry_url:
-            return self.tenancy.registry_url
-        state = Path(self.tenancy.state_dir).expanduser() if self.tenancy.state_dir else default_work_dir() / "serve" / "state"
-        return default_registry_url(state)
+        return self.tenancy.registry_url or default_registry_url(self.state_path())
 
     @property
     def base_model_name(self) -> str:
@@ -371,9 +376,8 @@ class ServeConfig(StrictModel):
         if self.adapter_cache_dir:
             data["adapter_cache_dir"] = str(root / Path(self.adapter_cache_dir).expanduser())
         data["mlflow_tracking_uri"] = _absolute_sqlite(self.mlflow_tracking_uri, root)
-        if self.tenancy.state_dir:
-            data["tenancy"]["state_dir"] = str(root / Path(self.tenancy.state_dir).expanduser())
-        # Pin the registry URL now: replicas may run with another cwd or LORAFLEET_HOME.
+        # Pin the state dir and the registry URL now: replicas may run with another cwd or LORAFLEET_HOME.
+        data["tenancy"]["state_dir"] = str(root / Path(self.tenancy.state_dir).expanduser() if self.tenancy.state_dir else self.state_path())
         data["tenancy"]["registry_url"] = _absolute_sqlite(self.tenancy.registry_url, root) or ServeConfig.model_validate(data).registry_url()
         for a in data["adapters"]:
             if not a["source"].startswith("models:"):

@@ -116,7 +116,7 @@ class Frontend:
         internal = request.model
         prompted = kind == "chat" and lora is not None and self.prompt_format(lora) is not None
         if prompted:
-            request, kind = as_completion(request, self.prompt_format(lora)), "completions"
+            request, kind = as_completion(request, self.prompt_format(lora), self.engine.tokenizer), "completions"
         serving = self.chat.create_chat_completion if kind == "chat" else self.completions.create_completion
         slot = self.slots.use(lora)
         await slot.__aenter__()

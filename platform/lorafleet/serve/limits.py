@@ -4,7 +4,8 @@ vLLM's request models validate every OpenAI and vLLM parameter; this module only
 limits a multi-tenant server sets on top (``limits`` in the serve config) and the fields it
 refuses on purpose:
 
-* ``BodyLimit``: a body larger than ``limits.max_body_bytes`` is a 413 before anything parses it.
+* ``BodyLimit``: a body larger than ``limits.max_body_bytes`` is a 413 before anything parses it
+  (the file upload, ``app.state.streamed_bodies``, streams its body under its own limit).
 * :func:`apply_limits`: ``max_tokens`` / ``max_completion_tokens`` above ``limits.max_tokens``
   (400 ``max_tokens_too_large``), ``n`` or the number of prompts above ``limits.max_n``.
 * :func:`refused_fields`: fields that would reach past the caller's tenant. vLLM's KV-transfer
@@ -37,8 +38,10 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
             return await self.app(scope, receive, send)
-        limit: Optional[int] = getattr(scope["app"].state, "max_body_bytes", None) if "app" in scope else None
-        if limit is None:
+        state = scope["app"].state if "app" in scope else None
+        limit: Optional[int] = getattr(state, "max_body_bytes", None)
+        path, root = scope["path"], scope.get("root_path", "")  # the route's path within the app (Serve mounts it at a prefix)
+        if limit is None or (path[len(root):] if root and path.startswith(root) else path) in getattr(state, "streamed_bodies", ()):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:

@@ -55,7 +55,7 @@ def build_openapi(app) -> dict[str, Any]:
     schemas["Error"] = ERROR_SCHEMA
     components["securitySchemes"] = {"bearer": {
         "type": "http", "scheme": "bearer",
-        "description": "A tenant's API key (`lfk_...`; model and /v1/adapters routes) or the admin key (/admin routes)."}}
+        "description": "A tenant's API key (`lfk_...`; model, /v1/adapters and /v1/files routes) or the admin key (/admin routes; every tenant's /v1/files)."}}
     error = {"description": "Error (OpenAI shape)", "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
     for (path, method), (name, required) in ROUTE_BODIES.items():
         doc["paths"][path][method]["requestBody"] = {

@@ -138,24 +138,11 @@ class Tenancy:
         self._default_quotas = cfg.tenancy.quotas.model_dump()
         self._locks: dict[tuple[int, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._used: dict[tuple[int, str], float] = {}
-        self._poller: Optional[asyncio.Task] = None
 
     # ------------------------------------------------------------------ background
 
-    def start(self) -> None:
-        if self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.tenancy.poll_interval_s)
-            try:
-                await self.poll_once()
-            except Exception as exc:  # noqa: BLE001 - a registry outage must not kill the replica; retried next tick
-                log.warning("registry poll failed (retrying): %r", exc)
-
     async def poll_once(self) -> None:
-        """Reload the registry view if it changed; record when adapters were last used."""
+        """Reload the registry view if it changed; record when adapters were last used (the server's sync loop calls it)."""
         await asyncio.to_thread(self.view.refresh)
         used, self._used = self._used, {}
         if used:

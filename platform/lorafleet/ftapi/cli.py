@@ -1,0 +1,78 @@
+"""``lorafleet files list|show|delete``: every tenant's training files, for operators.
+
+They work on the server's registry and state dir directly (as ``lorafleet tenants`` does), so
+they need no key and no running server; a server sees a deletion at once::
+
+    lorafleet files list --config serve/tiny-cpu.yaml [--tenant acme] [--json]
+    lorafleet files show file-0123abcd... --config serve/tiny-cpu.yaml
+    lorafleet files delete file-0123abcd... --config serve/tiny-cpu.yaml
+
+Run them where the server's state dir is reachable (the same relative paths as the server's).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+
+
+def _open(args):
+    from lorafleet.ftapi.files import FileStore
+    from lorafleet.serve.config import load_serve_config
+    from lorafleet.serve.registry import Registry
+
+    cfg = load_serve_config(args.config).absolute()
+    registry = Registry(cfg.registry_url())
+    return registry, FileStore(registry.engine, cfg.state_path() / "files", cfg.files)
+
+
+def _files(args) -> int:
+    from lorafleet.serve.errors import OpenAIError
+
+    registry, store = _open(args)
+    try:
+        names = {t.id: t.name for t, _, _ in registry.list_tenants()}
+        if args.files_command == "list":
+            scope = None
+            if args.tenant:
+                scope = next((i for i, n in names.items() if n == args.tenant), None)
+                if scope is None:
+                    print(f"error: no tenant named {args.tenant!r} (lorafleet tenants list)", file=sys.stderr)
+                    return 1
+            records, _ = store.list(scope, limit=10**9, order="asc")
+        else:
+            records = [store.delete(None, args.file_id) if args.files_command == "delete" else store.get(None, args.file_id)]
+    except OpenAIError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        registry.close()
+    cards = [{**r.openai(), "tenant": names.get(r.tenant_id, f"(deleted tenant {r.tenant_id})"), "sha256": r.sha256,
+              "path": str(store.path(r))} for r in records]
+    if args.files_command == "delete":
+        print(f"deleted {cards[0]['id']} ({cards[0]['filename']}, {cards[0]['bytes']} bytes) of tenant {cards[0]['tenant']}")
+    elif args.json or args.files_command == "show":
+        print(json.dumps(cards if args.files_command == "list" else cards[0], indent=2))
+    else:
+        print(f"{'file':30} {'tenant':16} {'bytes':>12}  {'created':16} filename")
+        for c in cards:
+            when = datetime.fromtimestamp(c["created_at"], timezone.utc).strftime("%Y-%m-%d %H:%M")
+            print(f"{c['id']:30} {c['tenant']:16} {c['bytes']:>12}  {when:16} {c['filename']}")
+    return 0
+
+
+def add_file_commands(sub) -> None:
+    f = sub.add_parser("files", help="tenants' training files (/v1/files) on a server's registry and state dir").add_subparsers(
+        dest="files_command", required=True)
+
+    def common(p):
+        p.add_argument("--config", required=True, help="the server's Serve YAML (its tenancy.registry_url / state_dir)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_files)
+        return p
+
+    ls = common(f.add_parser("list", help="every tenant's files (or --tenant's), oldest first"))
+    ls.add_argument("--tenant", help="only this tenant's files")
+    common(f.add_parser("show", help="one file's record and where its content lies")).add_argument("file_id")
+    common(f.add_parser("delete", help="delete a file: its record and its content")).add_argument("file_id")
