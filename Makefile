@@ -66,6 +66,7 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/packing.py
+	$(PY) benchmarks/mixture_accuracy.py
 	$(PY) benchmarks/serve_throughput.py
 	$(PY) benchmarks/adapter_scaling.py
 	$(PY) benchmarks/hot_swap.py

@@ -1,15 +1,16 @@
 """Issue 16 acceptance figure: a task mixture's banking77 accuracy against a banking77-only adapter that saw the
 same banking77 examples, and the mixture adapter against the base on every task.
 
-    .venv/bin/python benchmarks/mixture_accuracy.py [--banking 3000] [--share 0.6] [--base DIR] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/mixture_accuracy.py [--banking 3000] [--share 0.6] [--base DIR] [--reuse] [--set KEY=VALUE ...]
 
 Steps, as a user would run them: hold out 1000 banking77 rows (shared data); `lorafleet base build` on the text of
-the other banking77 rows and of the DialogSum dialogues (unlabelled; skipped with --base); then two one-epoch
-fine-tunes with `jobs/finetune.py` from the same settings:
-- banking77 only: `--banking` training rows (jobs/configs/banking77-lora.yaml's LoRA and schedule);
+the other banking77 rows and of the DialogSum dialogues (unlabelled; skipped with --base); then two
+fine-tunes with `jobs/finetune.py` from the same settings (`--epochs`, LoRA r=32, learning rate 3e-3, 32 examples
+per step):
+- banking77 only: `--banking` training rows (jobs/configs/banking77-lora.yaml with those settings);
 - the mixture (jobs/configs/mixture-lora.yaml): the same banking77 rows at weight `--share`, DialogSum, generated
   claims and chat rows sharing the rest, `data.mixture_size` = banking / share, so each banking77 row is drawn once
-  in both runs.
+  per epoch in both runs.
 `lorafleet eval --task banking77` scores both adapters on the held-out rows; `lorafleet eval --config` scores the base
 and the mixture adapter on every dataset's held-out rows. Prints JSON lines and a table; writes
 benchmarks/results/mixture_accuracy.json.
@@ -83,6 +84,8 @@ def main() -> int:
     ap.add_argument("--base", help="an existing base folder (skips `lorafleet base build`)")
     ap.add_argument("--work", default=str(REPO / "lorafleet-work" / "bench-mixture"))
     ap.add_argument("--set", action="append", default=[], help="extra overrides for both fine-tunes")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of both fine-tunes (each banking77 row seen this often)")
+    ap.add_argument("--reuse", action="store_true", help="keep the adapters a previous run trained in --work; evaluate only")
     a = ap.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -95,24 +98,26 @@ def main() -> int:
     if not a.base:
         timings["base_build_s"] = run([lf, "base", "build", "--out", str(base), "--corpus", str(paths["corpus"])], env)
 
+    stamp = int(time.time())  # a new run name each time: re-running a name would resume it (or refuse other settings)
     rest = (1 - a.share) / 3
     weights = {"banking77": a.share, "dialogsum": rest, "claims": rest, "chat": rest}
-    common = [f"model.name_or_path={base}", "training.num_epochs=1", "training.max_steps=null", *a.set]
-    only = common + [f"data.path={paths['banking']}", f"data.max_train_samples={a.banking}", "run_name=bench-banking-only",
+    common = [f"model.name_or_path={base}", f"training.num_epochs={a.epochs}", "training.max_steps=null", *a.set]
+    only = common + [f"data.path={paths['banking']}", f"data.max_train_samples={a.banking}", f"run_name=bench-banking-only-{stamp}",
                      f"output_dir={work / 'banking-only'}"]
     mixture = common + [f"data.mixture.0.path={paths['banking']}", f"data.mixture.0.max_train_samples={a.banking}",
                         f"data.mixture.1.path={a.dialogsum}", f"data.mixture.2.path={paths['claims']}",
                         f"data.mixture.3.path={paths['chat']}", f"data.mixture_size={round(a.banking / a.share)}",
                         *[f"data.mixture.{i}.weight={w}" for i, w in enumerate(weights.values())],
-                        "run_name=bench-mixture", f"output_dir={work / 'mixture'}"]
+                        f"run_name=bench-mixture-{stamp}", f"output_dir={work / 'mixture'}"]
     # The same LoRA and optimisation for both: the mixture config's (its max_seq_length fits DialogSum).
-    shared = ["lora.r=32", "lora.lora_alpha=64", "training.learning_rate=1e-3", "training.per_device_batch_size=8",
-              "training.gradient_accumulation_steps=2", "training.max_seq_length=512", "data.max_eval_samples=100"]
+    shared = ["lora.r=32", "lora.lora_alpha=64", "training.learning_rate=3e-3", "training.per_device_batch_size=16",
+              "training.gradient_accumulation_steps=1", "training.max_seq_length=512", "data.max_eval_samples=100"]
     sets = lambda xs: [y for x in shared + xs for y in ("--set", x)]  # noqa: E731
-    timings["banking_only_s"] = run([py, "jobs/finetune.py", "--config", "jobs/configs/banking77-lora.yaml", *sets(only)], env)
-    timings["mixture_s"] = run([py, "jobs/finetune.py", "--config", MIXTURE, *sets(mixture)], env)
+    if not (a.reuse and (work / "mixture" / "result.json").is_file() and (work / "banking-only" / "result.json").is_file()):
+        timings["banking_only_s"] = run([py, "jobs/finetune.py", "--config", "jobs/configs/banking77-lora.yaml", *sets(only)], env)
+        timings["mixture_s"] = run([py, "jobs/finetune.py", "--config", MIXTURE, *sets(mixture)], env)
     results = json.loads((work / "mixture" / "result.json").read_text())
-    drawn = results["data_stats"]["banking77/drawn"]
+    drawn = results["metrics"]["data/banking77/drawn"]
 
     records = []
     for label, adapter in (("base", "none"), ("banking77-only", work / "banking-only" / "adapter"), ("mixture", work / "mixture" / "adapter")):

@@ -48,6 +48,15 @@ def main() -> int:
                      f"{s['eval_loss_packed']:.4f} / {s['eval_loss_unpacked']:.4f} ({noise:.4f})" if noise is not None
                      else f"{s['eval_loss_packed']:.4f} / {s['eval_loss_unpacked']:.4f}", "difference within the spread",
                      _mark(s["loss_within_noise"]) if noise is not None else "-"))
+    x = _load("mixture_accuracy")
+    if x:
+        s, machine = x["summary"], machine or x["machine"]
+        acc = {r["model"]: r["accuracy"] for r in x["records"]}
+        rows.append((f"held-out banking77 accuracy, mixture adapter / banking77-only adapter, {s['banking77_examples_each']} "
+                     "banking77 examples each", f"{acc['mixture']:.3f} / {acc['banking77-only']:.3f} "
+                     f"(banking77-only minus mixture: {s['accuracy_gap_points']:+.1f} points)", f"within {s['target_points']} points", _mark(s["met"])))
+        rows.append(("mixture adapter beats the base (validation loss) on", ", ".join(s["mixture_beats_base_on"]), "every task",
+                     _mark(len(s["mixture_beats_base_on"]) == len(x["per_task"]["mixture"]["tasks"]))))
     v = _load("serve_throughput")
     if v:
         s, machine = v["summary"], machine or v["machine"]
