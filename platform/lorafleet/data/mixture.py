@@ -109,20 +109,25 @@ class TrainingData:
         return names
 
 
+def _training_data(cfg: DataConfig, load) -> TrainingData:
+    """A part per dataset of ``cfg`` (``load(dataset) -> TaskData``), weights normalised over the mixture."""
+    datasets = cfg.datasets()
+    total = sum(d.weight for d in datasets)
+    parts = [MixturePart(d.metric_prefix(), d.weight / total, load(d)) for d in datasets]
+    return TrainingData(parts, mixture=cfg.mixture is not None, size=cfg.mixture_size)
+
+
 def load_training_data(cfg: DataConfig, tokenizer: Any = None) -> TrainingData:
     """Load, validate and split every dataset of ``cfg`` (:func:`load_task_data` each); errors name the dataset."""
-    datasets = cfg.datasets()
-    parts = []
-    total = sum(d.weight for d in datasets)
-    for d in datasets:
+    def load(d: MixtureDataset) -> TaskData:
         try:
-            data = load_task_data(d, tokenizer=tokenizer)
+            return load_task_data(d, tokenizer=tokenizer)
         except (ValueError, FileNotFoundError) as exc:
             if cfg.mixture is None:
                 raise
             raise type(exc)(f"data.mixture[{d.metric_prefix()}]: {exc}") from exc
-        parts.append(MixturePart(d.metric_prefix(), d.weight / total, data))
-    return TrainingData(parts, mixture=cfg.mixture is not None, size=cfg.mixture_size)
+
+    return _training_data(cfg, load)
 
 
 def draw_mixture(sizes: list[int], weights: list[float], total: Optional[int] = None, seed: int = 0) -> list[tuple[int, int]]:
@@ -159,10 +164,7 @@ def primary_metric(task: TaskSpec) -> Optional[str]:
 def datasets_of(cfg: DataConfig) -> TrainingData:
     """The run's datasets, names, weights and tasks from the config alone, without their rows (no file is read):
     enough for :meth:`TrainingData.metric_names`, :meth:`~TrainingData.prompt_format` and ``name``."""
-    datasets = cfg.datasets()
-    total = sum(d.weight for d in datasets)
-    parts = [MixturePart(d.metric_prefix(), d.weight / total, TaskData(resolve_task(d), [], [], None)) for d in datasets]
-    return TrainingData(parts, mixture=cfg.mixture is not None, size=cfg.mixture_size)
+    return _training_data(cfg, lambda d: TaskData(resolve_task(d), [], [], None))
 
 
 def mixture_score(parts: list[MixturePart], metrics: dict[str, float]) -> Optional[float]:
