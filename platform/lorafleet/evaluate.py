@@ -79,7 +79,8 @@ def load_for_inference(base: str, adapter: str | None, device: str = "cpu", dtyp
 
 
 def generate_with_progress(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                           synced_gpus: bool = False, show: bool = True, desc: str = "generating") -> list[str]:
+                           synced_gpus: bool = False, show: bool = True, desc: str = "generating",
+                           add_bos=True) -> list[str]:
     """``generate_completions`` over ``prompts`` with a progress bar (or log lines) counting prompts.
 
     Prompts go longest first in chunks of a few batches, the order ``generate_completions``
@@ -87,9 +88,11 @@ def generate_with_progress(model, tokenizer, prompts: list[str], max_new_tokens:
     Every rank must call it with the same number of prompts when ``synced_gpus`` is set.
     """
     from lorafleet.data import encode_prompts, generate_completions
+    from lorafleet.data.tokenize import bos_flags
     from lorafleet.progress import Progress
 
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
+    flags = bos_flags(add_bos, len(prompts))  # each example's ``bos``
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts, flags)]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
     chunk = batch_size * 4
     outputs = [""] * len(prompts)
@@ -97,7 +100,7 @@ def generate_with_progress(model, tokenizer, prompts: list[str], max_new_tokens:
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
             texts = generate_completions(model, tokenizer, [prompts[i] for i in part], max_new_tokens,
-                                         batch_size=batch_size, synced_gpus=synced_gpus)
+                                         batch_size=batch_size, synced_gpus=synced_gpus, add_bos=[flags[i] for i in part])
             for i, text in zip(part, texts):
                 outputs[i] = text
             bar.update(len(part))
@@ -116,7 +119,7 @@ def evaluate_adapter(base: str, adapter: str | None, task: str, data: str, limit
     model, tok = load_for_inference(base, adapter, device, torch_dtype)
     examples = load_eval_examples(spec, data, columns=columns or None, limit=limit, tokenizer=tok)
     raw = generate_with_progress(model, tok, [e.prompt for e in examples], spec.max_new_tokens, batch_size,
-                                 desc=f"eval {spec.name}")
+                                 desc=f"eval {spec.name}", add_bos=[e.bos for e in examples])
     preds = [clean_prediction(spec, text) for text in raw]
     metrics = compute_metrics(spec, preds, [e.reference for e in examples]) if examples else {}
     if predictions:
@@ -183,7 +186,7 @@ def evaluate_config(config, adapter: str | None, base: str | None = None, limit:
         result: dict = {"task": spec.name, "examples": len(scored), "loss": validation_loss(model, tok, feats, batch_size)}
         if spec.generation_metrics and scored:
             raw = generate_with_progress(model, tok, [e.prompt for e in scored], spec.max_new_tokens, batch_size,
-                                         desc=f"eval {part.name}")
+                                         desc=f"eval {part.name}", add_bos=[e.bos for e in scored])
             preds = [clean_prediction(spec, text) for text in raw]
             result.update(spec.compute_metrics(preds, [e.reference for e in scored]))
             records += [{"dataset": part.name, "input": e.input, "prediction": p, "reference": e.reference}

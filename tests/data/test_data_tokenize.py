@@ -33,6 +33,32 @@ def test_labels_cover_exactly_the_completion_and_eos(tokenizer):
     assert stats["target_tokens"] == sum(sum(t != IGNORE for t in f["labels"]) for f in features)
 
 
+def test_a_template_without_bos_is_trained_and_prompted_as_vllm_renders_it(tmp_path):
+    """A chat template that writes no bos (the tiny base's, Phi-3's): the model sees exactly the template's
+    tokens in training and evaluation, as vLLM's chat API and `apply_chat_template(tokenize=True)` give it at
+    inference; a prompt/completion example of the same tokenizer still starts with bos."""
+    from data_helpers import make_tokenizer
+
+    from lorafleet.data import encode_prompts, generate_completions
+    from lorafleet.data.tasks.base import ReadContext
+
+    tok = make_tokenizer("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}### assistant:{% endif %}")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    ex = get_task("chat").make_example({"messages": messages}, tok, ReadContext(fmt="auto", loss_on="all_assistant_turns"))
+    assert ex.bos is False
+    (f,), _ = tokenize_examples([ex], tok, 64, "chat")
+    served = tok.apply_chat_template(messages[:1], tokenize=True, add_generation_prompt=True)
+    served = served["input_ids"] if isinstance(served, dict) or hasattr(served, "keys") else served
+    assert tok.bos_token_id not in f["input_ids"] and f["input_ids"][: len(served)] == list(served)
+    assert encode_prompts(tok, [ex.prompt], [ex.bos]) == [list(served)]
+    assert encode_prompts(tok, [ex.prompt])[0] == [tok.bos_token_id, *served]  # the default stays bos + prompt
+    (plain,), _ = tokenize_examples([_ex("Query: hi\nIntent:", " greeting")], tok, 64, "classification")
+    assert plain["input_ids"][0] == tok.bos_token_id
+    with pytest.raises(ValueError, match="1 value"):
+        generate_completions(None, tok, ["a", "b"], max_new_tokens=1, add_bos=[True])
+
+
 def test_chat_template_bos_is_not_doubled(chat_tokenizer):
     spec = get_task("chat")
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}

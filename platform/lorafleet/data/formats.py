@@ -246,6 +246,11 @@ def _find_all(text: str, marker: str) -> list[int]:
     return out
 
 
+def renders_with_template(conversation: Any, tokenizer: Any) -> bool:
+    """Whether ``conversation`` (messages, or guanaco text) is rendered by the tokenizer's chat template."""
+    return not isinstance(conversation, str) and tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
 def conversation_segments(conversation: Any, tokenizer: Any, loss_on: str) -> tuple[str, str, str, Segments]:
     """``(prompt, completion, input, segments)`` of a conversation (messages or guanaco text).
 
@@ -266,7 +271,7 @@ def conversation_segments(conversation: Any, tokenizer: Any, loss_on: str) -> tu
     last = turns[-1]
     users = [m["content"] for m in conversation[:last] if m["role"] == "user"]
     shown = users[-1] if users else conversation[last - 1]["content"]
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+    if renders_with_template(conversation, tokenizer):
         segments = _template_segments(tokenizer, conversation, turns)
         prompt = "".join(text for text, _ in segments[:-1])
         return prompt, conversation[last]["content"], shown, tuple(segments)

@@ -13,7 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -57,8 +57,10 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def generate_completions(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                         batch_size: int = 16, synced_gpus: bool = False) -> list[str]:
+                         batch_size: int = 16, synced_gpus: bool = False,
+                         add_bos: Union[bool, Sequence[bool]] = True) -> list[str]:
     """Greedy continuations of ``prompts`` (only the new text, special tokens removed), in input order.
+    ``add_bos``: as :func:`encode_prompts` (each example's ``bos``).
 
     ``synced_gpus`` is passed to ``model.generate``; set it under FSDP/ZeRO-3 so all ranks keep
     stepping together. Ranks may then hold different numbers of prompts: the ones with fewer
@@ -72,7 +74,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts: list[str], max_new
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; generation needs one to pad and stop")
-    ids = encode_prompts(tokenizer, prompts)
+    ids = encode_prompts(tokenizer, prompts, add_bos)
     # Longest first, so each batch holds prompts of similar length (less padding); outputs are re-ordered after.
     order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -118,7 +120,7 @@ def evaluate_generation(model: Any, tokenizer: Any, task: Union[TaskSpec, str], 
     spec = get_task(task) if isinstance(task, str) else task
     raw = generate_completions(model, tokenizer, [e.prompt for e in examples],
                                max_new_tokens if max_new_tokens is not None else spec.max_new_tokens,
-                               batch_size=batch_size, synced_gpus=synced_gpus)
+                               batch_size=batch_size, synced_gpus=synced_gpus, add_bos=[e.bos for e in examples])
     predictions = [clean_prediction(spec, text) for text in raw]
     records = [{"input": e.input, "prediction": p, "reference": e.reference, "prompt": e.prompt}
                for e, p in zip(examples, predictions)]

@@ -32,3 +32,6 @@ class Example:
     reference: str
     # A conversation: its text pieces up to the reply above, each marked trained or not (None: prompt + completion).
     segments: Optional[tuple[tuple[str, bool], ...]] = None
+    # Whether bos goes before the prompt. False for a conversation rendered by the tokenizer's chat template:
+    # the template owns its special tokens, as in `apply_chat_template(tokenize=True)`, vLLM's chat API and TRL.
+    bos: bool = True

@@ -6,6 +6,9 @@ ids concatenated, so the boundary is exact; labels are ``-100`` on bos and the p
 on the completion and eos only), except for ``raw_text`` where ``labels == input_ids``.
 A conversation (``Example.segments``) is tokenised piece by piece the same way: labels on
 the trained assistant turns (and the eos after the last one), ``-100`` on everything else.
+A conversation rendered by the tokenizer's chat template gets no bos of its own
+(``Example.bos``): its tokens are the template's, as vLLM's chat API and
+``apply_chat_template(tokenize=True)`` feed the model at inference.
 
 With packing, whole features share rows of ``max_seq_length`` tokens (:func:`pack_features`):
 each keeps its labels, its ``position_ids`` restart at 0, and Transformers keeps attention
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -73,9 +76,21 @@ def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     return [bos] + ids
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt ids exactly as training sees them: bos (if any) + prompt tokens, no eos."""
-    return [_with_bos(tokenizer, ids) for ids in _encode_many(tokenizer, prompts)]
+def bos_flags(add_bos: Union[bool, Sequence[bool]], n: int) -> list[bool]:
+    """``add_bos`` for each of ``n`` prompts (one value for all, or one each)."""
+    if isinstance(add_bos, bool):
+        return [add_bos] * n
+    flags = list(add_bos)
+    if len(flags) != n:
+        raise ValueError(f"add_bos has {len(flags)} value(s) for {n} prompt(s)")
+    return flags
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], add_bos: Union[bool, Sequence[bool]] = True) -> list[list[int]]:
+    """Prompt ids exactly as training sees them: bos (if any, where ``add_bos``: not for a prompt rendered by the
+    chat template, see ``Example.bos``) + prompt tokens, no eos."""
+    flags = bos_flags(add_bos, len(prompts))
+    return [_with_bos(tokenizer, ids) if bos else ids for ids, bos in zip(_encode_many(tokenizer, prompts), flags)]
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -87,13 +102,13 @@ def _eos_id(tokenizer: Any) -> int:
 
 
 def _pieces_feature(tokenizer: Any, encoded: list[tuple[list[int], bool]], eos: int,
-                    max_seq_length: int) -> tuple[Optional[dict[str, list[int]]], bool]:
-    """bos + the pieces (labels on the trained ones) + eos after the last reply (unless it ends with one).
+                    max_seq_length: int, bos: bool = True) -> tuple[Optional[dict[str, list[int]]], bool]:
+    """bos (where ``bos``) + the pieces (labels on the trained ones) + eos after the last reply (unless it ends with one).
     Too long: cut after the last trained piece that fits with its eos (a conversation keeps its first
     whole turns; a single reply is never cut). Returns (feature or None when not even the first fits, cut)."""
     input_ids, labels, best = [], [], None
     for k, (ids, trained) in enumerate(encoded):
-        if k == 0:
+        if k == 0 and bos:
             ids = _with_bos(tokenizer, ids)
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
@@ -149,10 +164,10 @@ def tokenize_examples(examples: list, tokenizer: Any, max_seq_length: int, kind:
         pieces = [e.segments if getattr(e, "segments", None) else ((e.prompt, False), (e.completion, True)) for e in examples]
         flat = _encode_with_progress(tokenizer, [[text for parts in pieces for text, _ in parts]])[0]
         at = 0
-        for parts in pieces:
+        for e, parts in zip(examples, pieces):
             encoded = [(ids, trained) for ids, (_, trained) in zip(flat[at:at + len(parts)], parts)]
             at += len(parts)
-            feature, cut = _pieces_feature(tokenizer, encoded, eos, max_seq_length)
+            feature, cut = _pieces_feature(tokenizer, encoded, eos, max_seq_length, getattr(e, "bos", True))
             if feature is None:
                 stats["skipped_too_long"] += 1
                 continue

@@ -501,12 +501,13 @@ class _Evaluator:
 
         per_rank = math.ceil(len(ex) / self.world)
         mine = ex[self.rank * per_rank : (self.rank + 1) * per_rank]
-        prompts = [e.prompt for e in mine] + [ex[0].prompt] * (per_rank - len(mine))
+        padded = mine + [ex[0]] * (per_rank - len(mine))
         sharded = self.world > 1 and self.cfg.distributed.strategy in ("fsdp", "deepspeed")
         gen_model = engine.module if engine else unwrap(model)
-        outputs = generate_with_progress(gen_model, self.tokenizer, prompts, task.max_new_tokens,
+        outputs = generate_with_progress(gen_model, self.tokenizer, [e.prompt for e in padded], task.max_new_tokens,
                                          batch_size=self.cfg.training.eval_batch_size, synced_gpus=sharded,
-                                         show=self.rank == 0, desc=f"eval generation {task.name}")[: len(mine)]
+                                         show=self.rank == 0, desc=f"eval generation {task.name}",
+                                         add_bos=[e.bos for e in padded])[: len(mine)]
         if dist.is_initialized():
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, outputs)

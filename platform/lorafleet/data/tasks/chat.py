@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from lorafleet.data.formats import FORMAT_FIELDS, conversation_segments, detect_format, to_messages
+from lorafleet.data.formats import FORMAT_FIELDS, conversation_segments, detect_format, renders_with_template, to_messages
 from lorafleet.data.rows import Example
 from lorafleet.data.tasks.base import ReadContext, TaskSpec, register_kind, register_task
 
@@ -48,8 +48,10 @@ class ChatTask(TaskSpec):
 
     def make_example(self, row: dict, tokenizer: Any, ctx: ReadContext) -> Example:
         fmt = self.resolve_format(list(row), {}, ctx.fmt)
-        prompt, completion, shown, segments = conversation_segments(to_messages(fmt, row), tokenizer, ctx.loss_on)
-        return Example(prompt, completion, shown, completion.strip(), segments)
+        conversation = to_messages(fmt, row)
+        prompt, completion, shown, segments = conversation_segments(conversation, tokenizer, ctx.loss_on)
+        return Example(prompt, completion, shown, completion.strip(), segments,
+                       bos=not renders_with_template(conversation, tokenizer))
 
 
 register_task(ChatTask(
