@@ -51,6 +51,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Scenarios run by `make reliability` only (LORAFLEET_RELIABILITY=1): the ones `make test` covers another way, kept
+# out of its 30-minute budget.
+reliability_only = pytest.mark.skipif(os.environ.get("LORAFLEET_RELIABILITY") != "1",
+                                      reason="reliability suite: run `make reliability` (LORAFLEET_RELIABILITY=1)")
+
+
 def record_scenario(area: str, scenario: str, *, load: str = "-", faults: str = "-", bad_inputs: str = "-",
                     lost: str = "nothing", outcome: str, **figures) -> None:
     """One row of the reliability report (`make reliability`): what was held, injected and tried,

@@ -36,11 +36,8 @@ import psutil
 import pytest
 import yaml
 
-from testutils import REPO, banking_rows, free_port, record_scenario, registered_steps, write_rows
-
-# Gated per test, not per module: the option checks at the end always run.
-reliability_only = pytest.mark.skipif(os.environ.get("LORAFLEET_RELIABILITY") != "1",
-                                      reason="reliability suite: run `make reliability` (LORAFLEET_RELIABILITY=1)")
+# Gated per test (reliability_only), not per module: the option checks at the end always run.
+from testutils import REPO, banking_rows, free_port, record_scenario, registered_steps, reliability_only, write_rows
 
 FINETUNE_CONFIG = REPO / "jobs" / "configs" / "banking77-lora.yaml"
 ADMIN_KEY = "node-loss-admin-key-4b7d1e"

@@ -33,12 +33,9 @@ import psutil
 import pytest
 
 from serve_helpers import EXTREMES, MAX_MODEL_LEN, numeric_fields
-from testutils import REPO, record_scenario
+from testutils import REPO, record_scenario, reliability_only
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("LORAFLEET_RELIABILITY") != "1", reason="reliability suite: run `make reliability` (LORAFLEET_RELIABILITY=1)"),
-]
+pytestmark = [pytest.mark.slow, reliability_only]
 
 ADMIN_KEY = "reliability-admin-key-6f1c2b9e0d"
 MAX_TOKENS = 12  # the adapters' phrases fit; serve_assets' expected texts are for 12 new tokens

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lorafleet.train import run_finetune
-from testutils import banking_rows, record_scenario, registered_steps, write_rows
+from testutils import banking_rows, record_scenario, registered_steps, reliability_only, write_rows
 
 from train.test_finetune import make_cfg
 
@@ -106,6 +106,8 @@ def test_losses_logged_once_the_server_is_back(tiny_base, outage_csv, tmp_path, 
                     down_s=round(seen["down_s"], 1), logged_points=len(logged), elapsed_s=res["elapsed_s"])
 
 
+# `make test` keeps the outage with the server back (above); this one adds 1.5 minutes.
+@reliability_only
 def test_server_down_to_the_end_keeps_the_adapter_and_reports(tiny_base, outage_csv, tmp_path, work_home, mlflow_server,
                                                               driver_fails_fast):
     server = mlflow_server()

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from lorafleet.train import run_finetune
-from testutils import REPO, banking_rows, record_scenario, registered_steps, write_rows
+from testutils import REPO, banking_rows, record_scenario, registered_steps, reliability_only, write_rows
 from train.test_finetune import CONFIG, make_cfg
 
 pytestmark = pytest.mark.slow
@@ -208,6 +208,8 @@ def _eval_loss_change(res: dict, since_step: int) -> float:
     return abs(evals[-1]["eval_loss"] - [h for h in evals if h["step"] <= since_step][-1]["eval_loss"])
 
 
+# `make test` covers a killed driver through `ray job submit` (tests/cluster/test_job_submit.py).
+@reliability_only
 def test_killed_driver_then_same_run_name_resumes(tiny_base, small_csv, tmp_path, work_home, ray_address):
     """SIGKILL the driver of `jobs/finetune.py` (connected to the session's Ray cluster); re-running
     the same command continues from the newest complete checkpoint and the same MLflow run, even
