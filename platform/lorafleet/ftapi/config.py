@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from pydantic import Field
 
@@ -33,3 +33,12 @@ class FineTuningSettings(StrictModel):
                                   "method must be lora or qlora. Default: lorafleet's defaults (LoRA on all linear layers, 1 epoch). Where it leaves lora.r unset, jobs use min(16, engine.max_lora_rank).")
     overrides: list[str] = Field(default_factory=list, description="`key.path=value` overrides of that config, as jobs/finetune.py's --set "
                                  "takes them (e.g. distributed.num_workers=1). The request's hyperparameters apply after them.")
+    run_jobs: bool = Field(True, description="This server's replicas run the jobs (moving them from queued to running and on, each "
+                           "as a Ray job on the cluster it runs on). false: jobs are accepted and wait at validating_files for a server that runs them.")
+    max_concurrent_jobs_per_tenant: int = Field(1, ge=1, description="Jobs of one tenant running at once; its next jobs wait `queued` "
+                                                "until one ends.")
+    poll_interval_s: float = Field(2.0, gt=0, le=60, description="How often the scheduler looks at the jobs and their Ray jobs.")
+    ray_address: Optional[str] = Field(None, description="Address of the Ray cluster jobs are submitted to (its dashboard, "
+                                       "http://HEAD:8265). Default: the cluster the server runs on.")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of every job (env_vars, pip, ...); the "
+                                        "scheduler adds LORAFLEET_REGISTRY_URL to env_vars, through which the job writes its events.")

@@ -20,6 +20,7 @@ another tenant's job is a 404, the admin key sees and cancels every tenant's job
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Literal, Optional
 
@@ -100,8 +101,8 @@ class CheckpointList(_Page):
 
 
 def fine_tuned_model_name(base: str, tenant: str, suffix: Optional[str], job_id: str) -> str:
-    """The model a job makes, as OpenAI names them: ``ft:<base>:<tenant>:<suffix>:<job id>``."""
-    return f"ft:{base}:{tenant}:{suffix or ''}:{job_id}"
+    """The model a job makes, as OpenAI names them: ``ft:<base>:<tenant>:<suffix>:<job id>`` (a hub base's `/` as `-`)."""
+    return f"ft:{re.sub(r'[^A-Za-z0-9._-]', '-', base)}:{tenant}:{suffix or ''}:{job_id}"
 
 
 class JobsAPI:
@@ -111,6 +112,12 @@ class JobsAPI:
         self.cfg, self.tenancy, self.files = cfg, tenancy, files
         self.store = JobStore(tenancy.registry.engine)
         check_base(cfg.fine_tuning, cfg.model, cfg.engine.max_lora_rank)
+        self.scheduler_task = None
+        if cfg.fine_tuning.run_jobs:
+            from lorafleet.ftapi.scheduler import Scheduler
+
+            scheduler = Scheduler(cfg, tenancy, self.store, files.store, fine_tuned_model_name)
+            self.scheduler_task = asyncio.get_running_loop().create_task(scheduler.run_forever())
 
     def _owner(self, tenant_id: int) -> str:
         tenant = self.tenancy.view.snapshot.tenants.get(tenant_id)
