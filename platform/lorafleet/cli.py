@@ -19,7 +19,7 @@ import logging
 import sys
 
 from lorafleet.config.base import ConfigError
-from lorafleet.ftapi.cli import add_file_commands
+from lorafleet.ftapi.cli import add_file_commands, add_job_commands
 from lorafleet.serve.manage_cli import add_adapter_api_commands, add_tenant_commands
 
 
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_api_commands(a)
     add_tenant_commands(sub)
     add_file_commands(sub)
+    add_job_commands(sub)
 
     sv = sub.add_parser("serve", help="run the multi-LoRA server on a local Ray (blocks; Ctrl-C stops it)")
     sv.add_argument("--config", required=True, help="Serve YAML (serve/*.yaml) or a bare ServeConfig file")

@@ -129,6 +129,9 @@ def served(serve_assets, mlflow_adapter, tmp_path_factory, ray_cluster):
                  "poll_interval_s": 0.5, "max_adapter_bytes": 20 * 2**20},
         # uploads past limits.max_body_bytes (64 KiB) but small enough to reach every quota in seconds
         files={"max_file_bytes": 256 * 1024, "max_line_bytes": 16 * 1024, "max_files": 4, "max_total_bytes": 512 * 1024},
+        # jobs are accepted and stay `validating_files` (test_fine_tuning_api checks the API's shapes); the app of
+        # test_fine_tuning_e2e runs them
+        fine_tuning={"run_jobs": False},
     )
 
     closed = []

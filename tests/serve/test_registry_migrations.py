@@ -168,3 +168,38 @@ def test_a_sqlite_registry_of_0001_gains_the_files_table_in_place(tmp_path):
 @pytest.mark.postgres
 def test_a_postgresql_registry_of_0001_gains_the_files_table_in_place(postgres_db, tmp_path):
     _upgrades_with_files(postgres_db, tmp_path)
+
+
+def _upgrades_with_jobs(url: str, tmp_path) -> None:
+    """A registry of 0002 (tenants, adapters, files) gains the fine-tuning tables; its files stay and jobs can use them."""
+    from lorafleet.ftapi.config import FileSettings
+    from lorafleet.ftapi.files import FileStore
+    from lorafleet.ftapi.jobs import JobRecord, JobStore
+
+    engine, tenant, key = _registry_at(url, "0002")
+    store = FileStore(engine, tmp_path / "files", FileSettings())
+    upload = store.begin(tenant.id)
+    upload.write(b'{"prompt": "a", "completion": "b"}\n')
+    kept = store.commit(upload, "a.jsonl", "fine-tune")
+    assert not sa.inspect(engine).has_table("lorafleet_ft_jobs")
+    reg = Registry(url)  # what a server does at start-up
+    assert migrations.current(reg.engine) == migrations.head()
+    assert reg.authenticate(key.secret).name == "acme" and FileStore(reg.engine, tmp_path / "files", FileSettings()).get(tenant.id, kept.id) == kept
+    jobs = JobStore(reg.engine)
+    job = jobs.create(JobRecord(JobRecord.new_id(), tenant.id, "tiny", kept.id, None, {"n_epochs": 1}, None, 42, {"run_name": "x"}, None,
+                                "validating_files", 1.0), ("Created fine-tuning job",))
+    assert jobs.get(tenant.id, job.id) == job and [e.message for e in jobs.events(tenant.id, job.id)[0]] == ["Created fine-tuning job"]
+    reg.close()
+    engine.dispose()
+
+
+def test_a_sqlite_registry_of_0002_gains_the_fine_tuning_tables_in_place(tmp_path):
+    _upgrades_with_jobs(f"sqlite:///{tmp_path}/registry.db", tmp_path)
+    fresh = Registry(f"sqlite:///{tmp_path}/fresh.db")
+    assert _schema(fresh.engine) == _schema(sa.create_engine(f"sqlite:///{tmp_path}/registry.db"))
+    fresh.close()
+
+
+@pytest.mark.postgres
+def test_a_postgresql_registry_of_0002_gains_the_fine_tuning_tables_in_place(postgres_db, tmp_path):
+    _upgrades_with_jobs(postgres_db, tmp_path)

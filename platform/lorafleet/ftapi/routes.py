@@ -64,9 +64,20 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 
 def mount(api) -> None:
-    """Add the routes to the server's FastAPI app; its ``BodyLimit`` leaves the upload's body to the route."""
+    """Add the files and fine-tuning routes to the server's FastAPI app; its ``BodyLimit`` leaves the upload's body to the route."""
+    from lorafleet.ftapi.job_routes import router as jobs_router
+
     api.include_router(router)
+    api.include_router(jobs_router)
     api.state.streamed_bodies = {UPLOAD_PATH}
+
+
+def attach(state, cfg, tenancy) -> None:
+    """What the routes of one replica work with (on the app's ``state``): its files and its fine-tuning jobs."""
+    from lorafleet.ftapi.job_routes import JobsAPI
+
+    state.files = FilesAPI(cfg, tenancy)
+    state.jobs = JobsAPI(cfg, tenancy, state.files)
 
 
 def too_large(limit: int) -> OpenAIError:

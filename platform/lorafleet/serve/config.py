@@ -27,7 +27,7 @@ from typing import Iterable, Literal, Optional
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from lorafleet.config.base import ConfigError, StrictModel, apply_overrides, read_yaml, validate_config
-from lorafleet.ftapi.config import FileSettings
+from lorafleet.ftapi.config import FileSettings, FineTuningSettings
 
 # vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -287,8 +287,8 @@ class ServeConfig(StrictModel):
     download_adapters_at_start: bool = Field(True, description="Resolve (download and check) every adapter when a replica starts, so a bad source fails the deploy. false: on first use (many large adapters).")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits and the queue bound.")
     tenancy: TenancySettings = Field(default_factory=TenancySettings, description="Tenants, API keys, runtime adapters (hot-swap) and quotas.")
-    files: FileSettings = Field(default_factory=FileSettings, description="Training files tenants upload (/v1/files), kept under <tenancy.state_dir>/files "
-                                "(on a multi-node cluster, a filesystem every node mounts): limits and per-tenant quotas.")
+    files: FileSettings = Field(default_factory=FileSettings, description="Training files tenants upload (/v1/files), kept under <tenancy.state_dir>/files: limits and per-tenant quotas.")
+    fine_tuning: FineTuningSettings = Field(default_factory=FineTuningSettings, description="Fine-tuning jobs (/v1/fine_tuning/jobs): the FinetuneConfig they start from.")
 
     @field_validator("adapters")
     @classmethod

@@ -7,7 +7,7 @@ engine (:mod:`.frontend`). There is no second deployment and no handle call on t
 path; the design and the order of the checks are in ``docs/serving.md``.
 
 Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/tokenize``,
-``/detokenize`` (OpenAI / vLLM), ``/v1/adapters`` (a tenant's runtime adapters), ``/v1/files`` (lorafleet.ftapi),
+``/detokenize`` (OpenAI / vLLM), ``/v1/adapters`` (a tenant's runtime adapters), ``/v1/files`` and ``/v1/fine_tuning`` (lorafleet.ftapi),
 ``/admin/*`` (tenants and keys), ``/health``, ``/ready``, ``/metrics``.
 
 Every ``tenancy.poll_interval_s`` the replica re-reads the registry, pins/unpins and unloads
@@ -34,7 +34,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 
-from lorafleet.ftapi.routes import FilesAPI, mount as mount_files
+from lorafleet.ftapi.routes import attach as attach_ftapi, mount as mount_ftapi
 from lorafleet.serve.adapters import Adapter, AdapterError
 from lorafleet.serve.config import ServeConfig
 from lorafleet.serve.errors import OpenAIError, bad_request, overloaded
@@ -54,7 +54,7 @@ api = FastAPI(title="lorafleet", description="OpenAI-compatible multi-LoRA serve
               "model and many LoRA adapters through vLLM's own OpenAI layer, per-tenant adapter management with hot-swap, "
               "tenant administration.")
 api.add_middleware(BodyLimit)
-mount_files(api)  # /v1/files (lorafleet.ftapi)
+mount_ftapi(api)  # /v1/files, /v1/fine_tuning/jobs (lorafleet.ftapi)
 
 
 def _openapi() -> dict:
@@ -148,7 +148,7 @@ class LoRAServer:
         self.metrics = ServeMetrics(self.frontend.replica)
         self.created = int(time.time())
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
-        api.state.files = FilesAPI(self.cfg, self.tenancy)
+        attach_ftapi(api.state, self.cfg, self.tenancy)
         # Completions and chat requests this replica holds (running in vLLM or waiting in its queue);
         # past the bound a request gets 503 + Retry-After at once, in OpenAI's shape (app.py sizes
         # Serve's own limit above it, so Serve's plain-text back-pressure never answers first).

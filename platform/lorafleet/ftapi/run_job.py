@@ -1,0 +1,82 @@
+"""What the Ray job of one fine-tuning job runs: the same ``run_finetune`` as ``jobs/finetune.py``, with the
+config pinned when the job was created, reporting progress as the job's events.
+
+The scheduler (:mod:`.scheduler`) submits it through Ray's Job Submission API::
+
+    python -m lorafleet.ftapi.run_job ftjob-0123...      # LORAFLEET_REGISTRY_URL=<the registry's SQLAlchemy URL>
+
+It reads the job's row from the registry, runs the fine-tune (checkpoints under the server's
+state, resumed by ``run_name`` = the job id when the job is submitted again), and writes an event
+for every report of the training loop (step, loss, learning rate, tokens/s) and one at the end with
+the MLflow run id and the registered version. Registering the adapter for serving is the
+scheduler's part: it runs in the server, where the tenant registration path lives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ray.train import UserCallback
+
+REGISTRY_URL_ENV = "LORAFLEET_REGISTRY_URL"
+STEP_FIELDS = {"train_loss": "train_loss", "eval_loss": "valid_loss", "lr": "learning_rate", "tokens_per_s": "tokens_per_s",
+               "epoch": "epoch", "tokens_seen": "tokens_seen"}
+
+
+def _store(url: str):
+    import sqlalchemy as sa
+
+    from lorafleet.ftapi.jobs import JobStore
+
+    return JobStore(sa.create_engine(url, pool_pre_ping=True))
+
+
+class JobEvents(UserCallback):
+    """A Ray Train callback (it runs in the Train controller) that writes each report as a ``metrics`` event."""
+
+    def __init__(self, url: str, job_id: str):
+        self.url, self.job_id, self._store = url, job_id, None
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = metrics[0] if metrics else {}
+        if "step" not in first:
+            return
+        data = {"step": int(first["step"]), **{name: float(first[key]) for key, name in STEP_FIELDS.items() if isinstance(first.get(key), (int, float))}}
+        text = ", ".join(f"{k} {v:.4g}" for k, v in data.items() if k != "step")
+        try:
+            self._store = self._store or _store(self.url)
+            self._store.add_event(self.job_id, f"Step {data['step']}: {text}", type="metrics", data=data,
+                                  checkpoint=checkpoint.path if checkpoint is not None else None)
+        except Exception:  # noqa: BLE001 - a registry hiccup must not fail the training run
+            logging.getLogger(__name__).exception("could not record the event of step %s", data["step"])
+
+
+def main(argv=None) -> int:
+    from lorafleet.config import FinetuneConfig
+    from lorafleet.train import run_finetune
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job_id")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = os.environ.get(REGISTRY_URL_ENV)
+    if not url:
+        print(f"error: {REGISTRY_URL_ENV} is not set (the scheduler sets it to the server's registry URL)", file=sys.stderr)
+        return 2
+    store = _store(url)
+    cfg = FinetuneConfig.model_validate(store.get(None, args.job_id).config)
+    store.add_event(args.job_id, f"Training started on Ray (run {cfg.run_name}, {cfg.distributed.num_workers} workers).")
+    result = run_finetune(cfg, callbacks=[JobEvents(url, args.job_id)])
+    summary = {k: result.get(k) for k in ("mlflow_run_id", "registered_model", "registered_version", "adapter_path")}
+    store.add_event(args.job_id, f"Training finished: MLflow run {summary['mlflow_run_id']}, registered as "
+                                 f"{summary['registered_model']} version {summary['registered_version']}.", data=summary)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
