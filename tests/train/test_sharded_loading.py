@@ -25,7 +25,7 @@ CONFIG = REPO / "jobs" / "configs" / "banking77-lora.yaml"
 SETS = ["training.max_seq_length=64", "lora.r=8", "lora.lora_alpha=16", "training.learning_rate=1e-2"]
 
 
-def make_base(out: Path, hidden: int, layers: int, vocab: int, tie: bool) -> Path:
+def make_base(out: Path, hidden: int, layers: int, vocab: int, tie: bool, dtype: str = "float32") -> Path:
     """A random Llama saved like ``save_pretrained`` does (safetensors + config)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,7 +34,7 @@ def make_base(out: Path, hidden: int, layers: int, vocab: int, tie: bool) -> Pat
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 4, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=128,
                       tie_word_embeddings=tie)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(out)
     return out
 
 
@@ -95,6 +95,34 @@ def test_no_rank_materialises_the_full_model(tmp_path):
         assert r["peak_anon_growth_bytes"] < 0.7 * full, (r, full)
 
 
+def test_sharded_qlora_load_equals_from_pretrained_qlora(tmp_path):
+    # bf16 checkpoint (how hub bases ship), odd vocab: uneven shards of the unquantised tensors.
+    base = make_base(tmp_path / "base", hidden=128, layers=2, vocab=301, tie=False, dtype="bfloat16")
+    ranks = launch("qlora", base, tmp_path, 2, "--set", "method=qlora")
+    for r in ranks:
+        assert r["sharded_path_used"] and r["n_4bit_layers"] == 2 * 7
+        # Each rank's shard of every parameter (packed NF4 data included) and every layer's
+        # quant_state (absmax, double-quantisation statistics) equal the from_pretrained model's ...
+        assert r["local_shard_mismatches"] == [] and r["quant_state_mismatches"] == [], r
+        assert r["local_4bit_bytes"] < 0.6 * r["full_4bit_bytes"]
+        # ... so the logits and loss on the same batch agree, and training follows the same losses.
+        assert r["max_abs_logit_diff"] <= 1e-5, r["max_abs_logit_diff"]
+        assert r["losses_sharded"] == r["losses_full_load"], (r["losses_sharded"], r["losses_full_load"])
+        assert r["losses_sharded"][-1] < r["losses_sharded"][0]
+
+
+def test_no_rank_materialises_the_full_qlora_model(tmp_path):
+    base = make_base(tmp_path / "base", hidden=512, layers=4, vocab=8000, tie=False, dtype="bfloat16")
+    ranks = launch("memory", base, tmp_path, 2, "--set", "method=qlora")
+    full_fp32 = ranks[0]["full_param_bytes"] * 2  # a bf16 checkpoint: the float32 model is twice its size
+    for r in ranks:
+        assert r["sharded_path_used"]
+        # The whole model in float32 (what from_pretrained reads before quantising) never lands on a
+        # rank, nor the whole NF4 model (embeddings and lm_head stay float32: ~0.5 x here): only the
+        # rank's half of it, its quant states and one weight in flight.
+        assert r["peak_anon_growth_bytes"] < 0.5 * full_fp32, (r, full_fp32)  # the whole NF4 model: 0.53 x
+
+
 # ---------------------------------------------------------------------------- worker (one process per rank)
 
 
@@ -145,6 +173,12 @@ def warm_imports() -> None:
     import torch.distributed.fsdp  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
+    try:  # method qlora
+        import bitsandbytes  # noqa: F401
+        import transformers.integrations.bitsandbytes  # noqa: F401
+        import transformers.quantizers.quantizer_bnb_4bit  # noqa: F401
+    except ImportError:
+        pass
 
 
 def _worker(args) -> None:
@@ -174,6 +208,8 @@ def _worker(args) -> None:
         result["sharded_path_used"] = model is not None
         result["local_param_bytes"] = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         result["peak_anon_growth_bytes"] = mem.growth
+    elif args.mode == "qlora":
+        result.update(_compare_qlora(cfg, device, rank))
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -211,6 +247,53 @@ def _worker(args) -> None:
     dist.destroy_process_group()
 
 
+def _compare_qlora(cfg, device, rank: int) -> dict:
+    """The sharded-loaded QLoRA model against ``from_pretrained(quantization_config=...)`` + FSDP2 (the oracle)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from lorafleet.train.model import load_base_model, wrap_peft
+    from lorafleet.train.parallel import apply_fsdp2, causal_lm_of, load_fsdp2_model
+
+    torch.manual_seed(0)
+    sharded = load_fsdp2_model(cfg, device)
+    torch.manual_seed(0)
+    full = apply_fsdp2(wrap_peft(load_base_model(cfg, device), cfg), cfg, device)
+    result: dict = {"sharded_path_used": sharded is not None}
+    params_full = dict(full.named_parameters())
+    mismatches, local_4bit, full_4bit = [], 0, 0
+    for name, p in sharded.named_parameters():
+        q = params_full[name]
+        a, b = p.to_local(), q.to_local()
+        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)):
+            mismatches.append(name)
+        if ".base_layer.weight" in name:
+            local_4bit += a.numel() * a.element_size()
+            full_4bit += p.numel() * p.element_size()
+    result["local_shard_mismatches"], result["local_4bit_bytes"], result["full_4bit_bytes"] = mismatches, local_4bit, full_4bit
+    layers_full = {n: m for n, m in causal_lm_of(full).named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    qs_mismatches = []
+    for n, m in causal_lm_of(sharded).named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            x, y = m.quant_state, layers_full[n].quant_state
+            same = (x.shape == y.shape and x.dtype == y.dtype and x.blocksize == y.blocksize and x.quant_type == y.quant_type
+                    and torch.equal(x.absmax, y.absmax) and torch.equal(x.code, y.code)
+                    and (x.state2 is None) == (y.state2 is None)
+                    and (x.state2 is None or (torch.equal(x.offset, y.offset) and torch.equal(x.state2.absmax, y.state2.absmax))))
+            if not same:
+                qs_mismatches.append(n)
+    result["n_4bit_layers"], result["quant_state_mismatches"] = len(layers_full), qs_mismatches
+    gen = torch.Generator().manual_seed(7 + rank)
+    ids = torch.randint(0, sharded.config.vocab_size, (2, 16), generator=gen)
+    with torch.no_grad():
+        la = sharded(input_ids=ids, labels=ids)
+        lb = full(input_ids=ids, labels=ids)
+    result["max_abs_logit_diff"] = (la.logits - lb.logits).abs().max().item()
+    result["losses_sharded"] = _train(sharded, cfg, rank)
+    result["losses_full_load"] = _train(full, cfg, rank)
+    return result
+
+
 def _train(model, cfg, rank: int, steps: int = 4) -> list[float]:
     """A few AdamW steps on one fixed batch of random tokens per rank (loss must fall); the mean loss per step."""
     import torch
@@ -236,7 +319,7 @@ def _train(model, cfg, rank: int, steps: int = 4) -> list[float]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["check", "memory"], required=True)
+    ap.add_argument("--mode", choices=["check", "memory", "qlora"], required=True)
     ap.add_argument("--base", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)

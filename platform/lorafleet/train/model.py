@@ -70,21 +70,29 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tok
 
 
+def load_dtype(cfg: FinetuneConfig) -> torch.dtype:
+    """The dtype the base is loaded in: ``model.dtype``, or for qlora a float ``bnb_4bit_quant_storage``
+    (FSDP2 flattens the packed 4-bit weights with the other parameters of their group)."""
+    dtype = resolve_dtype(cfg.model.dtype, cfg.distributed.use_gpu)
+    if cfg.method == "qlora":
+        storage = bnb_config(cfg).bnb_4bit_quant_storage
+        if storage != torch.uint8:
+            dtype = storage
+    return dtype
+
+
 def load_base_model(cfg: FinetuneConfig, device: torch.device):
     """The causal LM as configured (full precision, or NF4/FP4 for qlora), on ``device``."""
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
-    dtype = resolve_dtype(m.dtype, cfg.distributed.use_gpu)
-    kwargs = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=dtype)
+    kwargs = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=load_dtype(cfg))
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     if cfg.method == "qlora":
         kwargs["quantization_config"] = bnb_config(cfg)
         # bitsandbytes quantises while loading onto the target device.
         kwargs["device_map"] = {"": device}
-        if kwargs["quantization_config"].bnb_4bit_quant_storage not in (torch.uint8,):
-            kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_quant_storage
     model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
     if cfg.method != "qlora":
         model.to(device)
@@ -107,7 +115,7 @@ def build_empty_base_model(cfg: FinetuneConfig):
 
     m = cfg.model
     config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    kwargs = dict(dtype=resolve_dtype(m.dtype, cfg.distributed.use_gpu), trust_remote_code=m.trust_remote_code)
+    kwargs = dict(dtype=load_dtype(cfg), trust_remote_code=m.trust_remote_code)
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):

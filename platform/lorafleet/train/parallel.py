@@ -81,18 +81,20 @@ def load_fsdp2_model(cfg: FinetuneConfig, device: torch.device) -> nn.Module | N
     this rank's shards, then each rank reads only its own dim-0 rows of every tensor from
     the safetensors files (no rank 0 holding everything, no broadcast). LoRA weights get the
     exact values ``wrap_peft`` drew from the RNG, so training matches the full-load path.
+    Method qlora too: the linear layers become 4-bit on meta, and each rank quantises one
+    checkpoint weight at a time and keeps its rows of the packed NF4 data
+    (:mod:`lorafleet.train.quantized_loading`).
 
     Returns None (the caller then loads the full model as before, with a warning) where the
-    checkpoint cannot be read this way: method qlora (bitsandbytes quantises while
-    ``from_pretrained`` loads), an adapter initialisation computed from the base's weights
+    checkpoint cannot be read this way: an adapter initialisation computed from the base's weights
     (pissa / olora: an SVD / QR of each weight, which meta tensors do not have), no safetensors
     files, or checkpoint keys that ``from_pretrained`` would rename or fuse while loading.
     """
     from lorafleet.train.model import (SafetensorsRows, build_empty_base_model, checkpoint_files,
-                                       record_new_parameters, unmatched_base_keys, wrap_peft)
+                                       disable_bnb_cpu_inference_repack, load_dtype, record_new_parameters,
+                                       unmatched_base_keys, wrap_peft)
+    from lorafleet.train.quantized_loading import make_empty_4bit
 
-    if cfg.method == "qlora":
-        return None
     if cfg.method != "full" and cfg.lora.init_lora_weights in BASE_DERIVED_INITS:
         log.warning("lora.init_lora_weights %r is computed from the full base weights: every rank loads the full model before "
                     "FSDP2 shards it", cfg.lora.init_lora_weights)
@@ -109,11 +111,15 @@ def load_fsdp2_model(cfg: FinetuneConfig, device: torch.device) -> nn.Module | N
                         "every rank loads the full model before FSDP2 shards it", len(missing),
                         cfg.model.name_or_path, missing[:3])
             return None
+        dtype = load_dtype(cfg)
+        quantized = make_empty_4bit(base, cfg, device, dtype) if cfg.method == "qlora" else {}
         with record_new_parameters() as created:
             model = wrap_peft(base, cfg)
         apply_fsdp2(model, cfg, device)
         _materialise(model, cfg, device)
-        loaded = _load_shards(causal_lm_of(model), reader, created)
+        if quantized:
+            disable_bnb_cpu_inference_repack(model)  # as load_base_model does for qlora
+        loaded = _load_shards(causal_lm_of(model), reader, created, quantized, device, dtype)
     log.info("FSDP2 sharded loading: %d tensors, %.1f MB on this rank", *loaded)
     return model
 
@@ -128,11 +134,16 @@ def _materialise(model: nn.Module, cfg: FinetuneConfig, device: torch.device) ->
         setattr(mod, name, buf.to(device))
 
 
-def _load_shards(lm: nn.Module, reader, created: dict) -> tuple[int, float]:
-    """Fill every parameter's local shard: recorded initial values (adapters) or checkpoint rows."""
+def _load_shards(lm: nn.Module, reader, created: dict, quantized: dict, device: torch.device,
+                 dtype: torch.dtype) -> tuple[int, float]:
+    """Fill every parameter's local shard: recorded initial values (adapters), checkpoint rows, or
+    for a 4-bit weight (``quantized``: see ``make_empty_4bit``) rows of its quantised checkpoint tensor."""
     from torch.distributed.tensor import DTensor, Shard
 
     from lorafleet.train.model import checkpoint_key
+    from lorafleet.train.quantized_loading import quantize_weight, release_freed_host_memory
+
+    owner = {id(m.weight): quantized[id(m)] for m in lm.modules() if id(m) in quantized}
 
     initial = {}
     for (mod, name), value in created.items():
@@ -154,6 +165,10 @@ def _load_shards(lm: nn.Module, reader, created: dict) -> tuple[int, float]:
                     raise ValueError(f"parameter {names[0]} is neither in the checkpoint nor created by PEFT; "
                                      f"set distributed.strategy ddp to load this model in full")
                 shape, rows = reader.shape(key), (lambda a, b, key=key: reader.rows(key, a, b))
+                if pid in owner:  # one full weight in flight, quantised; this rank keeps its rows of the packed data
+                    packed = quantize_weight(reader.rows(key, 0, shape[0]), owner[pid], device, dtype)
+                    release_freed_host_memory()
+                    shape, rows = list(packed.shape), (lambda a, b, packed=packed: packed[a:b])
             if shape != list(p.shape):
                 raise ValueError(f"{names[0]}: checkpoint shape {shape} != model shape {list(p.shape)}")
             if isinstance(p, DTensor):
