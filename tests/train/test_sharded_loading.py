@@ -111,6 +111,7 @@ def test_sharded_qlora_load_equals_from_pretrained_qlora(tmp_path):
         assert r["losses_sharded"][-1] < r["losses_sharded"][0]
 
 
+@pytest.mark.slow
 def test_no_rank_materialises_the_full_qlora_model(tmp_path):
     base = make_base(tmp_path / "base", hidden=512, layers=4, vocab=8000, tie=False, dtype="bfloat16")
     ranks = launch("memory", base, tmp_path, 2, "--set", "method=qlora")
