@@ -44,10 +44,12 @@ def main() -> int:
                      f"{s['ratio_tokens_per_s_packed_over_unpacked']:.2f} (rounds: {', '.join(f'{r:.2f}' for r in s['ratios_per_round'])})",
                      f">= {s['target']}", _mark(s["met"])))
         noise = s["eval_loss_seed_spread"]
-        rows.append(("final validation loss, packing on / off (seed-to-seed spread)",
-                     f"{s['eval_loss_packed']:.4f} / {s['eval_loss_unpacked']:.4f} ({noise:.4f})" if noise is not None
-                     else f"{s['eval_loss_packed']:.4f} / {s['eval_loss_unpacked']:.4f}", "difference within the spread",
-                     _mark(s["loss_within_noise"]) if noise is not None else "-"))
+        se = s.get("eval_loss_difference_se")
+        how = f"mean of {s['seeds']} seeds each, {s['steps']} optimizer steps both" if "steps" in s else "median"
+        rows.append((f"final validation loss, packing on / off ({how}; difference; seed-to-seed spread)",
+                     f"{s['eval_loss_packed']:.4f} / {s['eval_loss_unpacked']:.4f} ({s['eval_loss_difference']:+.4f}"
+                     + (f" +- {se:.4f} s.e." if se is not None else "") + (f"; {noise:.4f})" if noise is not None else ")"),
+                     "difference within the spread", _mark(s["loss_within_noise"]) if noise is not None else "-"))
     x = _load("mixture_accuracy")
     if x:
         s, machine = x["summary"], machine or x["machine"]
