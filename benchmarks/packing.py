@@ -16,13 +16,17 @@ the same examples (so the same target tokens per step on average): the packed ba
 epochs have the same number of steps. The counts come from lorafleet's own split, tokeniser and
 packer, and each run's step count is checked. Validation is unpacked in both.
 
-Why equal steps: a first version sized the packed batch by rows alone, and its epoch took 59
-steps against 61 unpacked, a shorter schedule; its validation loss was 0.037 higher, outside a
-2-seed spread of 0.011. Packing's arithmetic is not what differed: a packed step gives the loss
-and gradients of the same examples unpacked (tests/train/test_packing_loss.py), and in a one-off
-check (not kept: 31 steps at 512 tokens, seed 42) a whole run of packed batches and one of the
-same batches unpacked ended at the same validation loss (6.257843 / 6.257844). What remains between the two sides is the schedule, which must not differ, and which
-examples share a step.
+Why equal steps: a schedule that differs would be a difference of its own. A first version sized
+the packed batch by rows alone (59 packed steps, 61 unpacked, 2000 + 500 examples at 512 tokens);
+its packed validation loss was 0.037 higher, outside a 2-seed spread of 0.011. Not the schedule's
+doing: there an unpacked run of 59 steps (batch 33, seed 42) ended at 5.9503, as the 61-step one
+(5.9503), packed 5.9900. Nor packing's arithmetic: a packed step gives the loss and gradients of
+the same examples unpacked (tests/train/test_packing_loss.py), and in a one-off check (not kept:
+31 steps at 512 tokens, seed 42) a whole run of packed batches and one of the same batches
+unpacked ended at the same validation loss (6.257843 / 6.257844). What remains is which examples
+share a step: best-fit decreasing fills rows by length, so a step's examples are not a uniform
+draw. At this benchmark's default size the seeds spread more (0.046) than that gap, so it cannot
+resolve a 0.037 effect; read "within noise" with that in mind.
 
 tokens/s counts real (non-padding) tokens and comes from the job's own step metrics
 (`result.json` history; evaluation time is outside the windows); "train_s" is the time of
