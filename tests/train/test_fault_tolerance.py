@@ -158,6 +158,8 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(small_csv, tiny_base, tmp
                     run_s=round(run_s, 1), uninterrupted_run_s=round(uninterrupted["run_s"], 1))
 
 
+# `make test` checks the detection and the fallback on real checkpoints in tests/train/test_checkpoint_fallback.py.
+@reliability_only
 def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(uninterrupted):
     """The finished reference run's latest checkpoint gets a truncated shard, then (second round)
     its replacement loses a rank's manifest: each re-run of the run name resumes from the newest
