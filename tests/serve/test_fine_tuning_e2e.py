@@ -23,8 +23,12 @@ pytestmark = pytest.mark.slow
 
 APP, PREFIX = "lorafleet-ft-e2e", "/fte2e"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ANSWER = "lost or stolen card"  # every reply in the training file: the fine-tuned model's greedy answer
 ROWS = [{"messages": [{"role": "user", "content": f"my card number {i} was stolen yesterday"},
-                      {"role": "assistant", "content": "lost or stolen card"}]} for i in range(24)]
+                      {"role": "assistant", "content": ANSWER}]} for i in range(24)]
+# the prompt as training renders a conversation with the tiny base's chat template (lorafleet.base.build.CHAT_TEMPLATE)
+QUESTION = "my card number 99 was stolen yesterday"
+PROMPT = f"### Human: {QUESTION}\n### Assistant:"
 DATA = b"".join(json.dumps(r).encode() + b"\n" for r in ROWS)
 STEPS = 12
 
@@ -85,7 +89,8 @@ def test_a_tenant_fine_tunes_over_the_api_and_calls_its_model(app):
     took = time.monotonic() - started
     events = owner.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert job.status == "succeeded", (job.error, [e.message for e in events][:12])
-    print(f"\nfine-tuning job {job.id}: succeeded in {took:.0f}s, {len(events)} events")
+    losses = {e.data["step"]: round(e.data["train_loss"], 3) for e in events if e.type == "metrics" and "train_loss" in e.data}
+    print(f"\nfine-tuning job {job.id}: succeeded in {took:.0f}s, {len(events)} events, train_loss by step {dict(sorted(losses.items()))}")
     assert job.fine_tuned_model == f"ft:{BASE}:ft-owner:cards:{job.id}" and job.finished_at and job.trained_tokens
     # it ran as a Ray job under the job's id
     assert JobSubmissionClient(ray.get_runtime_context().gcs_address).get_job_status(job.id).value == "SUCCEEDED"
@@ -97,11 +102,18 @@ def test_a_tenant_fine_tunes_over_the_api_and_calls_its_model(app):
     # served at once, to its owner only
     assert job.fine_tuned_model in [m.id for m in owner.models.list()]
     assert job.fine_tuned_model not in [m.id for m in other.models.list()]
-    prompt = "my card number 99 was stolen yesterday"
+    prompt = PROMPT
     answer = owner.completions.create(model=job.fine_tuned_model, prompt=prompt, max_tokens=8, temperature=0)
     base = owner.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0)
     print(f"fine-tuned: {answer.choices[0].text!r}  base: {base.choices[0].text!r}")
-    assert answer.choices[0].text and answer.model == job.fine_tuned_model
+    assert answer.model == job.fine_tuned_model and base.model == BASE
+    # it learned the file's answer, which the base does not give
+    assert answer.choices[0].text.strip().startswith(ANSWER) and answer.choices[0].text != base.choices[0].text, \
+        (answer.choices[0].text, base.choices[0].text)
+    chat = owner.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": QUESTION}], max_tokens=8,
+                                         temperature=0)
+    print(f"fine-tuned, chat: {chat.choices[0].message.content!r}")
+    assert chat.choices[0].message.content.strip().startswith(ANSWER), chat.choices[0].message.content  # chat: the base's template
     with pytest.raises(openai.NotFoundError):
         other.completions.create(model=job.fine_tuned_model, prompt=prompt, max_tokens=4)
     with pytest.raises(openai.NotFoundError):

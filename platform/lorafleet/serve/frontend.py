@@ -114,7 +114,7 @@ class Frontend:
         """
         lora = self.bind(request, adapter)
         internal = request.model
-        prompted = kind == "chat" and lora is not None and self.prompt_format(lora) is not None
+        prompted = kind == "chat" and lora is not None and (self.prompt_format(lora) or {}).get("template") is not None  # null: base template
         if prompted:
             request, kind = as_completion(request, self.prompt_format(lora), self.engine.tokenizer), "completions"
         serving = self.chat.create_chat_completion if kind == "chat" else self.completions.create_completion
