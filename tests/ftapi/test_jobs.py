@@ -168,3 +168,25 @@ def test_the_job_store_on_sqlite(tmp_path):
 @pytest.mark.postgres
 def test_the_job_store_on_postgresql(postgres_db):
     _store_behaviour(postgres_db)
+
+
+def test_a_registry_password_never_reaches_the_ray_jobs_environment(tmp_path, monkeypatch):
+    """Ray shows a job's env_vars to whoever can list jobs: a password-bearing registry URL goes in a 0600 file."""
+    import stat
+
+    from lorafleet.ftapi.run_job import REGISTRY_URL_ENV, REGISTRY_URL_FILE_ENV, job_env, registry_url_from_env
+
+    secret = "postgresql://lorafleet:s3cret-pw@db.internal:5432/registry"
+    env = job_env(secret, tmp_path / "secrets", "ftjob-abc")
+    assert list(env) == [REGISTRY_URL_FILE_ENV] and "s3cret-pw" not in repr(env)
+    path = tmp_path / "secrets" / "ftjob-abc.registry-url"
+    assert env[REGISTRY_URL_FILE_ENV] == str(path) and stat.S_IMODE(path.stat().st_mode) == 0o600
+    monkeypatch.delenv(REGISTRY_URL_ENV, raising=False)
+    monkeypatch.setenv(REGISTRY_URL_FILE_ENV, env[REGISTRY_URL_FILE_ENV])
+    assert registry_url_from_env() == secret  # what the job connects with
+    # no password (SQLite, peer or .pgpass auth): the URL itself, nothing written
+    plain = f"sqlite:///{tmp_path}/registry.db"
+    assert job_env(plain, tmp_path / "other", "ftjob-def") == {REGISTRY_URL_ENV: plain} and not (tmp_path / "other").exists()
+    monkeypatch.delenv(REGISTRY_URL_FILE_ENV)
+    monkeypatch.setenv(REGISTRY_URL_ENV, plain)
+    assert registry_url_from_env() == plain

@@ -41,4 +41,6 @@ class FineTuningSettings(StrictModel):
     ray_address: Optional[str] = Field(None, description="Address of the Ray cluster jobs are submitted to (its dashboard, "
                                        "http://HEAD:8265). Default: the cluster the server runs on.")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of every job (env_vars, pip, ...); the "
-                                        "scheduler adds LORAFLEET_REGISTRY_URL to env_vars, through which the job writes its events.")
+                                        "scheduler adds LORAFLEET_REGISTRY_URL to env_vars, through which the job writes its events (a URL "
+                                        "with a password goes in a 0600 file under the state dir instead, named by "
+                                        "LORAFLEET_REGISTRY_URL_FILE: Ray shows env_vars to whoever can list jobs).")

@@ -105,9 +105,10 @@ class Scheduler:
         self._submit(job)
 
     def _submit(self, job: JobRecord) -> None:
-        from lorafleet.ftapi.run_job import REGISTRY_URL_ENV
+        from lorafleet.ftapi.run_job import job_env
 
-        env = {**self.settings.runtime_env.get("env_vars", {}), REGISTRY_URL_ENV: self.cfg.registry_url()}
+        env = {**self.settings.runtime_env.get("env_vars", {}),
+               **job_env(self.cfg.registry_url(), self.cfg.state_path() / "fine_tuning" / "secrets", job.id)}
         try:
             self.client().submit_job(entrypoint=f"{sys.executable} -m lorafleet.ftapi.run_job {job.id}", submission_id=job.id,
                                      runtime_env={**self.settings.runtime_env, "env_vars": env}, entrypoint_num_cpus=0)
