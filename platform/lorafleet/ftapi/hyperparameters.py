@@ -23,10 +23,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
-from typing_extensions import Annotated
 
 from lorafleet.config import FinetuneConfig, LoraSettings
 from lorafleet.config.base import apply_overrides, format_validation_error, read_yaml
