@@ -255,6 +255,12 @@ def test_operators_list_show_and_delete_files_with_the_cli(http, served, tmp_pat
     assert listed[mine.id]["tenant"] == "filer-a" and {c["tenant"] for c in listed.values()} >= {"filer-a", "filer-b", "filer-q"}
     assert main(["files", "list", "--config", str(config), "--tenant", "filer-a", "--json"]) == 0
     assert [c["id"] for c in json.loads(capsys.readouterr().out)] == [mine.id]
+    assert main(["files", "list", "--config", str(config), "--tenant", "filer-a"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["file", "tenant", "bytes", "created", "filename"]
+    assert row.split()[:3] == [mine.id, "filer-a", str(len(TRAIN))] and row.endswith(mine.filename)
+    with pytest.raises(SystemExit, match="no tenant named 'nobody'"):
+        main(["files", "list", "--config", str(config), "--tenant", "nobody"])
     assert main(["files", "show", mine.id, "--config", str(config)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["bytes"] == len(TRAIN) and Path(shown["path"]).read_bytes() == TRAIN

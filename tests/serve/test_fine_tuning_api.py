@@ -159,6 +159,10 @@ def test_operators_list_show_and_cancel_jobs_with_the_cli(http, served, tmp_path
     assert main(["jobs", "list", "--config", str(config), "--tenant", "tuner-a", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [c["id"] for c in listed] == JOBS and {c["tenant"] for c in listed} == {"tuner-a"}
+    assert main(["jobs", "list", "--config", str(config), "--tenant", "tuner-a"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["job", "tenant", "status", "created", "fine-tuned", "model"]
+    assert [r.split()[:3] for r in rows] == [[c["id"], "tuner-a", c["status"]] for c in listed] and all(r.endswith("-") for r in rows)
     assert main(["jobs", "show", JOBS[2], "--config", str(config)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["config"]["run_name"] == JOBS[2] and shown["events"][-1]["message"] == f"Created fine-tuning job: {JOBS[2]}"

@@ -36,14 +36,8 @@ def _files(args) -> int:
 
     registry, store = _open(args)
     try:
-        names = {t.id: t.name for t, _, _ in registry.list_tenants()}
+        names, scope = _tenant_scope(registry, getattr(args, "tenant", None))
         if args.files_command == "list":
-            scope = None
-            if args.tenant:
-                scope = next((i for i, n in names.items() if n == args.tenant), None)
-                if scope is None:
-                    print(f"error: no tenant named {args.tenant!r} (lorafleet tenants list)", file=sys.stderr)
-                    return 1
             records, _ = store.list(scope, limit=10**9, order="asc")
         else:
             records = [store.delete(None, args.file_id) if args.files_command == "delete" else store.get(None, args.file_id)]
@@ -52,17 +46,14 @@ def _files(args) -> int:
         return 1
     finally:
         registry.close()
-    cards = [{**r.openai(), "tenant": names.get(r.tenant_id, f"(deleted tenant {r.tenant_id})"), "sha256": r.sha256,
-              "path": str(store.path(r))} for r in records]
+    cards = [{**r.openai(), "tenant": _owner(names, r), "sha256": r.sha256, "path": str(store.path(r))} for r in records]
     if args.files_command == "delete":
         print(f"deleted {cards[0]['id']} ({cards[0]['filename']}, {cards[0]['bytes']} bytes) of tenant {cards[0]['tenant']}")
     elif args.json or args.files_command == "show":
         print(json.dumps(cards if args.files_command == "list" else cards[0], indent=2))
     else:
-        print(f"{'file':30} {'tenant':16} {'bytes':>12}  {'created':16} filename")
-        for c in cards:
-            when = datetime.fromtimestamp(c["created_at"], timezone.utc).strftime("%Y-%m-%d %H:%M")
-            print(f"{c['id']:30} {c['tenant']:16} {c['bytes']:>12}  {when:16} {c['filename']}")
+        _table(cards, [("file", "id", "30"), ("tenant", "tenant", "16"), ("bytes", "bytes", ">12"), ("created", "created_at", "16"),
+                       ("filename", "filename", "")])
     return 0
 
 
@@ -80,6 +71,23 @@ def add_file_commands(sub) -> None:
     ls.add_argument("--tenant", help="only this tenant's files")
     common(f.add_parser("show", help="one file's record and where its content lies")).add_argument("file_id")
     common(f.add_parser("delete", help="delete a file: its record and its content")).add_argument("file_id")
+
+
+def _owner(names: dict, record) -> str:
+    return names.get(record.tenant_id, f"(deleted tenant {record.tenant_id})")
+
+
+def _table(cards: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """``cards`` as a text table: one (header, key, format spec) per column; ``created_at`` as a UTC time, None as '-'."""
+    def cell(card, key):
+        value = card[key]
+        if key == "created_at":
+            return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        return "-" if value is None else value
+
+    print(" ".join(f"{header:{spec}}" for header, _, spec in columns).rstrip())
+    for card in cards:
+        print(" ".join(f"{cell(card, key):{spec}}" for _, key, spec in columns).rstrip())
 
 
 def _tenant_scope(registry, name):
@@ -113,7 +121,7 @@ def _jobs(args) -> int:
         return 1
     finally:
         registry.close()
-    owner = {r.id: names.get(r.tenant_id, f"(deleted tenant {r.tenant_id})") for r in records}
+    owner = {r.id: _owner(names, r) for r in records}
     cards = [{**r.openai(owner[r.id]), "tenant": owner[r.id], "ray_submission_id": r.ray_submission_id, "mlflow_run_id": r.mlflow_run_id,
               "cancel_requested_at": r.cancel_requested_at} for r in records]
     if args.jobs_command == "show":
@@ -124,10 +132,8 @@ def _jobs(args) -> int:
     elif args.json:
         print(json.dumps(cards, indent=2))
     else:
-        print(f"{'job':31} {'tenant':16} {'status':16} {'created':16} fine-tuned model")
-        for c in cards:
-            when = datetime.fromtimestamp(c["created_at"], timezone.utc).strftime("%Y-%m-%d %H:%M")
-            print(f"{c['id']:31} {c['tenant']:16} {c['status']:16} {when:16} {c['fine_tuned_model'] or '-'}")
+        _table(cards, [("job", "id", "31"), ("tenant", "tenant", "16"), ("status", "status", "16"), ("created", "created_at", "16"),
+                       ("fine-tuned model", "fine_tuned_model", "")])
     return 0
 
 
