@@ -139,6 +139,13 @@ def _registry_at(url: str, revision: str):
     return engine, tenant, key
 
 
+def _one_file(store, tenant_id: int):
+    """A one-line training file stored for the tenant (its record)."""
+    upload = store.begin(tenant_id)
+    upload.write(b'{"prompt": "a", "completion": "b"}\n')
+    return store.commit(upload, "a.jsonl", "fine-tune")
+
+
 def _upgrades_with_files(url: str, tmp_path) -> None:
     from lorafleet.ftapi.config import FileSettings
     from lorafleet.ftapi.files import FileStore
@@ -149,9 +156,7 @@ def _upgrades_with_files(url: str, tmp_path) -> None:
     assert migrations.current(reg.engine) == migrations.head()
     assert reg.authenticate(key.secret).name == "acme" and reg.adapter(tenant.id, "intent").version == 1
     store = FileStore(reg.engine, tmp_path / "files", FileSettings())
-    upload = store.begin(tenant.id)
-    upload.write(b'{"prompt": "a", "completion": "b"}\n')
-    record = store.commit(upload, "a.jsonl", "fine-tune")
+    record = _one_file(store, tenant.id)
     assert store.list(tenant.id)[0] == [record] and store.get(tenant.id, record.id).bytes == 35
     reg.close()
     engine.dispose()
@@ -177,10 +182,7 @@ def _upgrades_with_jobs(url: str, tmp_path) -> None:
     from lorafleet.ftapi.jobs import JobRecord, JobStore
 
     engine, tenant, key = _registry_at(url, "0002")
-    store = FileStore(engine, tmp_path / "files", FileSettings())
-    upload = store.begin(tenant.id)
-    upload.write(b'{"prompt": "a", "completion": "b"}\n')
-    kept = store.commit(upload, "a.jsonl", "fine-tune")
+    kept = _one_file(FileStore(engine, tmp_path / "files", FileSettings()), tenant.id)
     assert not sa.inspect(engine).has_table("lorafleet_ft_jobs")
     reg = Registry(url)  # what a server does at start-up
     assert migrations.current(reg.engine) == migrations.head()
